@@ -1,0 +1,368 @@
+"""Typed run configuration: model YAML -> dataclasses, ``--set`` overrides, DeepSpeed JSON composition.
+
+Every YAML key maps to a dataclass field; an unknown key or a value of the wrong type raises
+``ConfigError`` naming the key (and the closest valid one) before any process group starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "dm_adapter" / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A user mistake in the model YAML, an override or the DeepSpeed JSON."""
+
+
+@dataclass
+class ModelConfig:
+    clip: str = "openai/clip-vit-base-patch16"
+    """Hugging Face hub id or local directory of a transformers ``CLIPModel``."""
+    tokenizer: str | None = None
+    """Tokenizer hub id or directory; defaults to ``clip``."""
+    image_size: tuple[int, int] = (384, 128)
+    """Input (height, width); the position embedding is resized bilinearly to this grid."""
+    text_length: int = 77
+    """Tokens per caption (truncated / padded)."""
+
+
+@dataclass
+class AdapterConfig:
+    router: Literal["domain_aware", "linear", "dense"] = "domain_aware"
+    """``domain_aware`` (DM-Adapter), ``linear`` (plain top-k router) or ``dense`` (one adapter, no MoE)."""
+    num_experts: int = 6
+    top_k: int = 2
+    ep_size: int = 1
+    """Expert-parallel size: experts of every layer are sharded over this many ranks."""
+    capacity_factor: float | None = None
+    """None routes every token (the paper); a number caps each expert at factor * k * tokens / experts."""
+    bottleneck_ratio: int = 8
+    """Expert hidden width is d / bottleneck_ratio."""
+    image_scale: float = 0.1
+    text_scale: float = 4.0
+
+
+@dataclass
+class LossConfig:
+    logit_scale: float = 50.0
+    """SDM temperature 1 / tau (fixed)."""
+    lb_weight: float = 0.5
+    """Weight of the load-balancing loss summed over layers."""
+    caption_corruption: float = 0.15
+    """Share of caption tokens corrupted for the SDM loss (80% mask, 10% random, 10% kept); 0 disables."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""
+    """Directory written by ``tools/make_shards.py`` ({split}-NNNNNN.tar + {split}.manifest.json)."""
+    train_split: str = "train"
+    val_split: str | None = "val"
+    """Split used for model selection; null selects the last epoch (ICFG-PEDES has no val split)."""
+    test_split: str = "test"
+    workers: int = 2
+    """DataLoader worker processes per rank."""
+    shuffle_buffer: int = 2000
+    augment: bool = True
+    random_erasing: float = 0.5
+    """Probability of random erasing (scale 0.02-0.4) when ``augment``."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 4e-5
+    adamw: bool = False
+    """Decoupled weight decay (AdamW) instead of Adam's L2 penalty."""
+    bias_lr_factor: float = 2.0
+    """Biases (and LayerNorm / router scalars) get lr x this factor and no weight decay."""
+    warmup_epochs: float = 5.0
+    warmup_start_factor: float = 0.1
+    grad_clip: float = 0.0
+    """Global gradient-norm clipping; 0 disables."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    batch_size: int = 128
+    """Global batch (captions) per optimiser step, summed over ranks and accumulation steps."""
+    grad_accum: int = 1
+    eval_batch_size: int = 256
+    """Per-rank batch for feature extraction."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps (smoke tests); the schedule still spans ``epochs``."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Fills ``bf16.enabled: "auto"`` in the DeepSpeed JSON: auto = bf16 on GPUs, fp32 on CPU."""
+    seed: int = 1
+    output_dir: str = "runs/dm_adapter"
+    eval_every: int = 1
+    """Evaluate on the validation split every N epochs."""
+    eval_zero_shot: bool = True
+    """Score the untrained model (adapters are the identity at init) on the test split first."""
+    checkpoint_every: int = 0
+    """Also checkpoint every N optimiser steps (0: only at epoch ends)."""
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "dsmoe"
+    mode: Literal["online", "offline"] = "offline"
+    name: str | None = None
+
+
+@dataclass
+class RunConfig:
+    method: Literal["dm_adapter"] = "dm_adapter"
+    demo: bool = False
+    """Create the synthetic dataset, its shards and a tiny CLIP under ``demo_dir`` when missing."""
+    demo_dir: str = ".cache/dsmoe-demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        """Checks that need more than one field; world-size checks happen once it is known."""
+        a = self.adapter
+        if a.router != "dense":
+            if not 1 <= a.top_k <= a.num_experts:
+                raise ConfigError(f"adapter.top_k={a.top_k} must be between 1 and adapter.num_experts={a.num_experts}")
+            if a.ep_size < 1 or a.num_experts % a.ep_size:
+                raise ConfigError(f"adapter.ep_size={a.ep_size} must divide adapter.num_experts={a.num_experts}")
+        if min(self.model.image_size) <= 0 or self.model.text_length < 2:
+            raise ConfigError("model.image_size must be positive and model.text_length at least 2")
+        if not 0.0 <= self.loss.caption_corruption < 1.0:
+            raise ConfigError("loss.caption_corruption must be in [0, 1)")
+        if self.train.batch_size < 1 or self.train.grad_accum < 1 or self.train.epochs < 1:
+            raise ConfigError("train.batch_size, train.grad_accum and train.epochs must be positive")
+        if not self.data.shards and not self.demo:
+            raise ConfigError("data.shards is empty: point it at a directory written by tools/make_shards.py")
+
+    def check_world(self, world_size: int) -> None:
+        """Checks that depend on how many ranks were launched."""
+        ep = self.adapter.ep_size if self.adapter.router != "dense" else 1
+        if world_size % ep:
+            raise ConfigError(f"adapter.ep_size={ep} does not divide the world size {world_size}: launch a multiple "
+                              f"of {ep} processes (deepspeed --num_gpus N) or set adapter.ep_size")
+        if self.train.batch_size % (world_size * self.train.grad_accum):
+            raise ConfigError(f"train.batch_size={self.train.batch_size} is not divisible by world size {world_size} "
+                              f"x train.grad_accum {self.train.grad_accum}")
+
+    def micro_batch(self, world_size: int) -> int:
+        return self.train.batch_size // (world_size * self.train.grad_accum)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# YAML -> dataclasses
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` checked (and minimally converted) against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{hint}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported annotation {tp} for {key}")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    where = prefix or "the config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{full}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain YAML-safe dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to the raw config mapping."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    path, raw = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {path}: '{key}' is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Load a model YAML (the demo recipe when ``path`` is None), apply overrides and validate."""
+    path = Path(path) if path else DEFAULT_DEMO_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        cfg = from_dict(RunConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSpeed JSON
+
+
+def load_ds_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+
+
+def resolve_precision(cfg: RunConfig, cuda_available: bool) -> str:
+    if cfg.train.precision == "auto":
+        return "bf16" if cuda_available else "fp32"
+    return cfg.train.precision
+
+
+def compose_ds_config(ds: dict, cfg: RunConfig, world_size: int, cuda_available: bool) -> dict:
+    """Fill every ``"auto"`` in the DeepSpeed JSON from the run config and check the batch arithmetic.
+
+    The optimiser is always described by the YAML (per-group learning rates come from dsmoe); the JSON
+    may state its ``type`` and leave the numbers to "auto". A missing optimizer section is added.
+    """
+    ds = json.loads(json.dumps(ds))  # deep copy
+    micro = cfg.micro_batch(world_size)
+    precision = resolve_precision(cfg, cuda_available)
+    fills = {
+        "train_batch_size": cfg.train.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+    }
+    for key, value in fills.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    optimizer = ds.setdefault("optimizer", {"type": "Adam", "params": {}})
+    if optimizer.get("type", "auto") == "auto":
+        optimizer["type"] = "Adam"
+    if optimizer["type"].lower() not in ("adam", "adamw"):
+        raise ConfigError(f"optimizer.type {optimizer['type']!r}: dsmoe recipes use Adam or AdamW")
+    params = optimizer.setdefault("params", {})
+    param_fills = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+                   "weight_decay": cfg.optim.weight_decay, "adam_w_mode": cfg.optim.adamw, "torch_adam": True}
+    for key, value in param_fills.items():
+        if params.get(key, "auto") == "auto":
+            params[key] = value
+    for section, enabled in (("bf16", precision == "bf16"), ("fp16", False)):
+        if isinstance(ds.get(section), dict) and ds[section].get("enabled") == "auto":
+            ds[section]["enabled"] = enabled
+    if "scheduler" in ds:
+        raise ConfigError("the DeepSpeed JSON has a 'scheduler' section: dsmoe schedules the learning rate from "
+                          "the YAML (optim.warmup_epochs, cosine); remove it")
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage", 0) == 3:
+        raise ConfigError("ZeRO stage 3 does not support DeepSpeed MoE layers: use stage 1 or 2")
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"DeepSpeed JSON values left as \"auto\" that dsmoe cannot fill: {leftover}")
+    if ds["train_batch_size"] != ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size:
+        raise ConfigError(
+            f"train_batch_size {ds['train_batch_size']} != micro batch {ds['train_micro_batch_size_per_gpu']} x "
+            f"accumulation {ds['gradient_accumulation_steps']} x world size {world_size}")
+    if ds["train_batch_size"] != cfg.train.batch_size:
+        raise ConfigError(f"DeepSpeed train_batch_size {ds['train_batch_size']} disagrees with train.batch_size "
+                          f"{cfg.train.batch_size}: write \"auto\" in the JSON")
+    return ds
+
+
+def _walk(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _walk(value, f"{prefix}.{key}" if prefix else key)
+    else:
+        yield prefix, node

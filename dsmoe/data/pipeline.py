@@ -1,0 +1,208 @@
+"""The WebDataset pipelines: a training stream of (image, caption, person id) and an exactly-once eval pass.
+
+Training: each rank x DataLoader-worker slot reads its own shards (or, with fewer shards than slots,
+every shard keeping every n-th sample), expands each image to one pair per caption, shuffles in a
+buffer, and yields a fixed number of batches per epoch, so every rank takes the same number of steps
+(collectives never hang). All randomness derives from (seed, epoch, slot, sample key), so a resumed run
+skips the batches it already took (before any image is decoded) and continues on the same data.
+
+Evaluation: every image and caption of a split is read exactly once across all ranks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dsmoe.data.text import CaptionEncoder
+from dsmoe.data.transforms import decode_rgb, eval_transform, train_transform
+
+LANGUAGE = "en"
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    shards: list[Path]
+    samples: int
+    captions: int
+
+
+def read_split(shard_dir: str | Path, split: str) -> SplitInfo:
+    """The shards and counts of ``split`` from its manifest."""
+    shard_dir = Path(shard_dir)
+    manifest_path = shard_dir / f"{split}.manifest.json"
+    if not manifest_path.is_file():
+        found = sorted(p.name for p in shard_dir.glob("*.manifest.json")) if shard_dir.is_dir() else []
+        raise FileNotFoundError(f"no manifest for split '{split}' in {shard_dir} (found: {found or 'none'}); "
+                                f"write the shards with tools/make_shards.py")
+    manifest = json.loads(manifest_path.read_text())
+    shards = [shard_dir / s["name"] for s in manifest["shards"]]
+    missing = [str(p) for p in shards if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{manifest_path} lists shards that do not exist: {missing[:3]}")
+    return SplitInfo(shards=shards, samples=int(manifest["samples"]),
+                     captions=int(manifest["captions"].get(LANGUAGE, 0)))
+
+
+def _raw_samples(shards: list[Path]) -> Iterator[dict]:
+    """Raw tar samples (bytes per member) in shard order; members are never unpickled."""
+    yield from wds.tarfile_to_samples()(iter([{"url": str(p)} for p in shards]))
+
+
+def _slot() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def _rng(*parts) -> random.Random:
+    return random.Random("/".join(str(p) for p in parts))
+
+
+@dataclass
+class TrainStreamConfig:
+    shard_dir: str
+    split: str
+    image_size: tuple[int, int]
+    micro_batch: int
+    batches_per_epoch: int  # micro-batches per rank per epoch
+    rank: int
+    world_size: int
+    seed: int
+    shuffle_buffer: int = 2000
+    augment: bool = True
+    erasing_p: float = 0.5
+    corruption: float = 0.0
+
+
+class TrainStream(IterableDataset):
+    """Micro-batches for one rank and one epoch, starting after ``start_batch`` already-taken batches."""
+
+    def __init__(self, cfg: TrainStreamConfig, captions: CaptionEncoder, epoch: int, start_batch: int = 0):
+        super().__init__()
+        self.cfg, self.captions, self.epoch, self.start_batch = cfg, captions, epoch, start_batch
+        self.info = read_split(cfg.shard_dir, cfg.split)
+
+    def _pairs(self, slot: int, slots: int, cycle: int) -> Iterator[tuple]:
+        shards = list(self.info.shards)
+        _rng(self.cfg.seed, self.epoch, cycle, "shards").shuffle(shards)
+        if len(shards) >= slots:
+            shards, keep = shards[slot::slots], None
+        else:
+            keep = slot
+        for index, sample in enumerate(_raw_samples(shards)):
+            if keep is not None and index % slots != keep:
+                continue
+            meta = json.loads(sample["json"])
+            for c, caption in enumerate(meta["captions"][LANGUAGE]):
+                yield sample["__key__"], c, sample["jpg"], int(meta["pid"]), caption
+
+    def _shuffled(self, slot: int, slots: int) -> Iterator[tuple]:
+        cycle = 0
+        while True:  # cycle the slot's data until the epoch's fixed length is reached
+            rng = _rng(self.cfg.seed, self.epoch, slot, cycle, "buffer")
+            buffer: list[tuple] = []
+            produced = False
+            for pair in self._pairs(slot, slots, cycle):
+                produced = True
+                buffer.append(pair)
+                if len(buffer) >= self.cfg.shuffle_buffer:
+                    yield buffer.pop(rng.randrange(len(buffer)))
+            rng.shuffle(buffer)
+            yield from buffer
+            if not produced:
+                raise RuntimeError(f"data slot {slot} of {slots} received no samples from {self.cfg.shard_dir}")
+            cycle += 1
+
+    def __iter__(self):
+        worker, workers = _slot()
+        cfg = self.cfg
+        slot, slots = cfg.rank * workers + worker, cfg.world_size * workers
+        # The DataLoader takes batches from its workers round-robin: batch b comes from worker b % workers.
+        mine = range(worker, cfg.batches_per_epoch, workers)
+        skip = len(range(worker, min(self.start_batch, cfg.batches_per_epoch), workers))
+        pairs = self._shuffled(slot, slots)
+        for _ in range(skip * cfg.micro_batch):
+            next(pairs)
+        for _ in range(len(mine) - skip):
+            yield self._collate([next(pairs) for _ in range(cfg.micro_batch)])
+
+    def _collate(self, pairs: list[tuple]) -> dict:
+        cfg = self.cfg
+        images = []
+        for key, c, jpg, _, _ in pairs:
+            rng = _rng(cfg.seed, self.epoch, key, c, "image")
+            img = decode_rgb(jpg)
+            images.append(train_transform(img, cfg.image_size, rng, erasing_p=cfg.erasing_p) if cfg.augment
+                          else eval_transform(img, cfg.image_size))
+        encoded = self.captions.encode([p[4] for p in pairs])
+        ids = encoded.ids
+        if cfg.corruption > 0:
+            ids = torch.stack([self.captions.corrupt(row, eot, _rng(cfg.seed, self.epoch, p[0], p[1], "text"),
+                                                     cfg.corruption)
+                               for row, eot, p in zip(encoded.ids, encoded.eot.tolist(), pairs)])
+        return {"image": torch.stack(images), "text": ids, "eot": encoded.eot,
+                "pid": torch.tensor([p[3] for p in pairs])}
+
+
+def batches_per_epoch(shard_dir: str, split: str, global_batch: int) -> int:
+    """Optimiser steps per epoch: every caption pair once, the last partial batch dropped."""
+    captions = read_split(shard_dir, split).captions
+    if captions < global_batch:
+        raise ValueError(f"split '{split}' has {captions} captions, fewer than one global batch ({global_batch})")
+    return captions // global_batch
+
+
+def train_loader(cfg: TrainStreamConfig, captions: CaptionEncoder, epoch: int, start_batch: int,
+                 workers: int) -> DataLoader:
+    stream = TrainStream(cfg, captions, epoch, start_batch)
+    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+class EvalImages(IterableDataset):
+    """This rank's share of a split (sample i goes to rank i % world): (image, pid, key, captions)."""
+
+    def __init__(self, shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int):
+        super().__init__()
+        self.info = read_split(shard_dir, split)
+        self.image_size, self.rank, self.world_size = image_size, rank, world_size
+
+    def __iter__(self):
+        worker, workers = _slot()
+        for index, sample in enumerate(_raw_samples(self.info.shards)):
+            if index % self.world_size != self.rank or (index // self.world_size) % workers != worker:
+                continue
+            meta = json.loads(sample["json"])
+            image = eval_transform(decode_rgb(sample["jpg"]), self.image_size)
+            yield image, int(meta["pid"]), sample["__key__"], list(meta["captions"][LANGUAGE])
+
+
+def _collate_eval(items: list[tuple]) -> dict:
+    return {"image": torch.stack([i[0] for i in items]), "pid": torch.tensor([i[1] for i in items]),
+            "key": [i[2] for i in items], "captions": [i[3] for i in items]}
+
+
+def eval_loader(shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int,
+                batch_size: int, workers: int) -> DataLoader:
+    dataset = EvalImages(shard_dir, split, image_size, rank, world_size)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_eval)
+
+
+def caption_batches(captions: list[str], pids: list[int], encoder: CaptionEncoder, batch_size: int) -> Iterator[dict]:
+    for start in range(0, len(captions), batch_size):
+        encoded = encoder.encode(captions[start:start + batch_size])
+        yield {"text": encoded.ids, "eot": encoded.eot, "pid": torch.tensor(pids[start:start + batch_size])}
+
+
+def ceil_div(a: int, b: int) -> int:
+    return math.ceil(a / b)

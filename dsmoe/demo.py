@@ -1,0 +1,113 @@
+"""Assets of the embedded demo: a synthetic CUHK-PEDES-layout dataset, its shards, and a tiny CLIP.
+
+No weights or datasets can be downloaded where the demo must run, so the demo builds everything from
+configs: the dataset in the real raw layout (``reid_raw.json`` + ``imgs/``), converted by
+``tools/make_shards.py``; a word-level tokenizer trained on the training captions with ``tokenizers``;
+and a small ``CLIPModel`` built from a ``CLIPConfig``, briefly pre-trained contrastively on generic
+"web" pairs (other people, captions naming only the top's colour) and saved with ``save_pretrained``.
+Like OpenAI's CLIP on CUHK-PEDES, that backbone knows something but not the retrieval task: its zero-shot
+score is low and the adapters have to learn the rest (trousers, bags, hats). Each step is cached.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import random
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+
+from dsmoe.config import REPO_ROOT, ModelConfig
+from dsmoe.data.synthetic import Identity, make_identities, make_synthetic_pedes, render_person
+from dsmoe.data.transforms import eval_transform
+from dsmoe.losses import symmetric_info_nce
+
+# eos must not get id 2: transformers' CLIPTextModel treats eos_token_id == 2 as a legacy config and pools at
+# the largest token id instead of the end-of-text token.
+SPECIAL = {"pad": "<|pad|>", "unk": "<|unk|>", "mask": "<|mask|>", "bos": "<|startoftext|>", "eos": "<|endoftext|>"}
+
+
+def train_tokenizer(captions: list[str], out_dir: Path) -> PreTrainedTokenizerFast:
+    """A lower-cased word-level tokenizer with CLIP-style start/end tokens."""
+    tok = Tokenizer(models.WordLevel(unk_token=SPECIAL["unk"]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    tok.train_from_iterator(captions, trainers.WordLevelTrainer(special_tokens=list(SPECIAL.values())))
+    bos, eos = SPECIAL["bos"], SPECIAL["eos"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **{f"{k}_token": v for k, v in SPECIAL.items()})
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def web_caption(person: Identity, rng: random.Random) -> str:
+    """A generic caption of the pre-training pairs: it names the clothes' colours, not bags or hats."""
+    template = rng.choice(["a photo of a person in {} and {}", "someone wearing {} with {}",
+                           "a picture of {} over {}"])
+    return template.format(f"{person.upper_colour} top", f"{person.lower_colour} {person.lower}")
+
+
+def pretrain_clip(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, steps: int = 300, batch: int = 64,
+                  seed: int = 0) -> None:
+    """Contrastive pre-training at the square native resolution on generic pairs of unrelated identities."""
+    rng, noise = random.Random(seed), np.random.default_rng(seed)
+    people = make_identities(200, seed=1000 + seed)  # not the demo's identities
+    size = model.config.vision_config.image_size
+    images, shown = [], []
+    for person in people:
+        for _ in range(4):
+            images.append(eval_transform(render_person(person, rng, noise, (64, 32)), (size, size)))
+            shown.append(person)
+    images = torch.stack(images)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    model.train()
+    for _ in range(steps):
+        pick = rng.sample(range(len(images)), batch)
+        text = tokenizer([web_caption(shown[i], rng) for i in pick], padding=True, return_tensors="pt")
+        pixels = images[pick]
+        pixels = torch.where(torch.rand(batch, 1, 1, 1) < 0.5, pixels.flip(-1), pixels)
+        loss = symmetric_info_nce(model.get_image_features(pixel_values=pixels).pooler_output,
+                                  model.get_text_features(**text).pooler_output, logit_scale=50.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def build_tiny_clip(out_dir: Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> None:
+    """A small CLIP with a square 32x32 pre-training grid (the demo's 64x32 input exercises resizing)."""
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=32, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=64)
+    model = CLIPModel(config)
+    pretrain_clip(model, tokenizer, seed=seed)
+    model.save_pretrained(out_dir)
+
+
+def prepare_demo(demo_dir: str | Path, model: ModelConfig) -> None:
+    """Create (once) the raw dataset, its shards and the tiny CLIP + tokenizer under ``demo_dir``."""
+    demo_dir = Path(demo_dir)
+    raw = make_synthetic_pedes(demo_dir / "raw")
+    shards = demo_dir / "shards"
+    if not (shards / "test.manifest.json").is_file():
+        subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "make_shards.py"), "--dataset", "cuhk-pedes",
+                        "--root", str(raw), "--out", str(shards), "--samples-per-shard", "64",
+                        "--resize", f"{model.image_size[0]}x{model.image_size[1]}"], check=True)
+    clip_dir = Path(model.clip)
+    if not (clip_dir / "config.json").is_file():
+        records = json.loads((Path(raw) / "reid_raw.json").read_text())
+        rng = random.Random(0)
+        captions = [c for r in records if r["split"] == "train" for c in r["captions"]]
+        captions += [web_caption(person, rng) for person in make_identities(200, seed=1000)]
+        build_tiny_clip(clip_dir, train_tokenizer(captions, clip_dir))

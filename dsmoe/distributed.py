@@ -1,0 +1,58 @@
+"""Process-group set-up from whichever launcher started us: deepspeed, torchrun, Slurm's srun, or none."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def map_slurm_env(env: dict[str, str] = os.environ) -> None:
+    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR from Slurm's variables when a launcher did not."""
+    if "RANK" in env or "SLURM_PROCID" not in env:
+        return
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in env:
+        nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        first = None
+        if nodes:
+            try:
+                out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                     check=True).stdout.split()
+                first = out[0] if out else None
+            except (OSError, subprocess.CalledProcessError):
+                first = None
+        env["MASTER_ADDR"] = first or "127.0.0.1"
+    env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 2000))
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Start the process group (gloo on CPU, nccl on GPUs) and return (rank, world_size, local_rank)."""
+    import deepspeed
+
+    map_slurm_env()
+    if "RANK" not in os.environ:  # plain `python ...`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    deepspeed.init_distributed()
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,394 @@
+"""The training loop around a DeepSpeed engine: step, log, evaluate, checkpoint, resume."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import yaml
+from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import groups
+
+from dsmoe.backbones.clip import FrozenCLIP, load_clip
+from dsmoe.config import RunConfig, compose_ds_config, to_dict
+from dsmoe.data.pipeline import (TrainStreamConfig, batches_per_epoch, caption_batches, eval_loader,
+                                 train_loader)
+from dsmoe.data.text import CaptionEncoder, load_tokenizer
+from dsmoe.methods.dm_adapter import DMAdapter
+from dsmoe.metrics import rank_metrics
+from dsmoe.run_log import RunLogger
+
+METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model and optimiser
+
+
+def build_model(cfg: RunConfig, ep_size: int | None = None) -> tuple[DMAdapter, CaptionEncoder]:
+    """Frozen CLIP + adapters, and the caption encoder. ``ep_size`` overrides the config's (evaluation)."""
+    if ep_size is not None:
+        cfg.adapter.ep_size = ep_size
+    torch.manual_seed(cfg.train.seed)  # identical non-expert initialisation on every rank
+    backbone = FrozenCLIP(load_clip(cfg.model.clip), cfg.model.image_size)
+    model = DMAdapter(cfg, backbone)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.clip)
+    return model, CaptionEncoder(tokenizer, cfg.model.text_length)
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def param_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
+    """Weights with decay; biases, norms and scalars with lr x bias_lr_factor and no decay."""
+    decay, no_decay = [], []
+    for name, p in trainable_parameters(model).items():
+        (no_decay if p.ndim < 2 else decay).append(p)
+    return [
+        {"name": "decay", "params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr": cfg.optim.lr * cfg.optim.bias_lr_factor},
+    ]
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, start_factor: float) -> float:
+    """Linear warm-up from ``start_factor`` to 1, then cosine to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return start_factor + (1.0 - start_factor) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def check_expert_placement(model: DMAdapter, ep_size: int) -> None:
+    """Experts were initialised assuming DeepSpeed's consecutive-rank expert-parallel groups."""
+    if ep_size <= 1:
+        return
+    group = groups._get_expert_parallel_group(f"ep_size_{ep_size}")
+    assert dist.get_rank(group=group) == dist.get_rank() % ep_size, "unexpected expert-parallel rank layout"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints: DeepSpeed's files per tag, a COMPLETE marker, and pointer files swapped atomically
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def complete_tag(ckpt_root: Path, pointer: str = "latest") -> str | None:
+    """The tag a pointer file names, if that checkpoint is complete."""
+    pointer_file = ckpt_root / pointer
+    if not pointer_file.is_file():
+        return None
+    tag = pointer_file.read_text().strip()
+    return tag if (ckpt_root / tag / "COMPLETE").is_file() else None
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """A run directory, a checkpoints directory or one tag directory -> (checkpoints dir, tag)."""
+    path = Path(path)
+    for root in (path / "checkpoints", path):
+        for pointer in ("best", "latest"):
+            tag = complete_tag(root, pointer)
+            if tag:
+                return root, tag
+    if (path / "COMPLETE").is_file():
+        return path.parent, path.name
+    raise FileNotFoundError(f"no complete checkpoint at {path} (looked for checkpoints/best, checkpoints/latest "
+                            f"and a tag directory with a COMPLETE marker)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    epoch: int = 0
+    batch: int = 0  # micro-batches of ``epoch`` already taken by each rank
+    best_score: float = -1.0
+    best_tag: str | None = None
+    zero_shot: dict | None = None
+    history: list = field(default_factory=list)
+
+
+def device_for(local_rank: int) -> torch.device:
+    return torch.device(get_accelerator().device_name(local_rank)) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def engine_dtype(engine) -> torch.dtype:
+    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() \
+        else torch.float32
+
+
+class Evaluator:
+    """Feature extraction over a split with every rank in lockstep, and the retrieval metrics."""
+
+    def __init__(self, cfg: RunConfig, engine, captions: CaptionEncoder, device: torch.device):
+        self.cfg, self.engine, self.captions, self.device = cfg, engine, captions, device
+        self.model: DMAdapter = engine.module
+        self.dtype = engine_dtype(engine)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+
+    def _lockstep(self, batches: Iterable[dict], dummy: dict) -> Iterator[tuple[dict, bool]]:
+        """Yield (batch, real) until every rank is done; a finished rank runs ``dummy`` so MoE collectives match."""
+        iterator = iter(batches)
+        while True:
+            batch = next(iterator, None)
+            flag = torch.tensor([0 if batch is None else 1])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() == 0:
+                return
+            yield (batch, True) if batch is not None else (dummy, False)
+
+    @torch.no_grad()
+    def extract_features(self, split: str) -> tuple[torch.Tensor, ...]:
+        """Features of every image and caption of ``split``, gathered on all ranks."""
+        cfg = self.cfg
+        self.engine.eval()
+        h, w = cfg.model.image_size
+        images, image_pids, captions, caption_pids = [], [], [], []
+        loader = eval_loader(cfg.data.shards, split, cfg.model.image_size, self.rank, self.world_size,
+                             cfg.train.eval_batch_size, cfg.data.workers)
+        dummy_image = {"image": torch.zeros(1, 3, h, w), "pid": torch.zeros(1, dtype=torch.long), "captions": []}
+        for batch, real in self._lockstep(loader, dummy_image):
+            feats = self.model.encode_image(batch["image"].to(self.device, self.dtype)).float().cpu()
+            if real:
+                images.append(feats)
+                image_pids.append(batch["pid"])
+                for pid, caps in zip(batch["pid"].tolist(), batch["captions"]):
+                    captions.extend(caps)
+                    caption_pids.extend([pid] * len(caps))
+        texts, text_pids = [], []
+        empty = self.captions.encode([""])
+        dummy_text = {"text": empty.ids, "eot": empty.eot, "pid": torch.zeros(1, dtype=torch.long)}
+        for batch, real in self._lockstep(caption_batches(captions, caption_pids, self.captions,
+                                                          cfg.train.eval_batch_size), dummy_text):
+            feats = self.model.encode_text(batch["text"].to(self.device), batch["eot"].to(self.device))
+            if real:
+                texts.append(feats.float().cpu())
+                text_pids.append(batch["pid"])
+        self.engine.train()
+        local = [torch.cat(images) if images else torch.zeros(0, 1), torch.cat(image_pids) if image_pids else
+                 torch.zeros(0, dtype=torch.long), torch.cat(texts) if texts else torch.zeros(0, 1),
+                 torch.cat(text_pids) if text_pids else torch.zeros(0, dtype=torch.long)]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, local)
+        parts = [[g[i] for g in gathered if g[i].numel()] for i in range(4)]
+        return tuple(torch.cat(p) for p in parts)
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        image, image_pids, text, text_pids = self.extract_features(split)
+        similarity = torch.nn.functional.normalize(text, dim=-1) @ torch.nn.functional.normalize(image, dim=-1).t()
+        metrics = rank_metrics(similarity, text_pids, image_pids)
+        metrics.update(images=int(image.shape[0]), captions=int(text.shape[0]))
+        return metrics
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds_config: dict, rank: int, world_size: int, local_rank: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = device_for(local_rank)
+        self.run_dir = Path(cfg.train.output_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.ds_config = compose_ds_config(ds_config, cfg, world_size, torch.cuda.is_available())
+        self.steps_per_epoch = batches_per_epoch(cfg.data.shards, cfg.data.train_split, cfg.train.batch_size)
+        self.micro_batches_per_epoch = self.steps_per_epoch * cfg.train.grad_accum
+        total_steps = self.steps_per_epoch * cfg.train.epochs
+        warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+
+        model, self.captions = build_model(cfg)
+        self.trainable_count = sum(p.numel() for p in trainable_parameters(model).values())
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg), config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: lr_factor(s, warmup, total_steps, cfg.optim.warmup_start_factor)))
+        check_expert_placement(model, cfg.adapter.ep_size if cfg.adapter.router != "dense" else 1)
+        self.model: DMAdapter = self.engine.module
+        self.dtype = engine_dtype(self.engine)
+        self.evaluator = Evaluator(cfg, self.engine, self.captions, self.device)
+        self.progress = Progress()
+        self.log = RunLogger(self.run_dir, rank, cfg, enabled_wandb=cfg.wandb.enabled)
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        return self.evaluator.evaluate(split)
+
+    # -- set-up -------------------------------------------------------------------------------------------------
+
+    def write_run_files(self) -> None:
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+
+    def resume(self, spec: str | None) -> bool:
+        """``auto``: the newest complete checkpoint of this run, if any; otherwise a path."""
+        if not spec:
+            return False
+        if spec == "auto":
+            tag = complete_tag(self.ckpt_root)
+            if tag is None:
+                self.log.info("resume auto: no complete checkpoint yet, starting fresh")
+                return False
+            root = self.ckpt_root
+        else:
+            root, tag = resolve_checkpoint(spec)
+        _, client = self.engine.load_checkpoint(str(root), tag, load_module_strict=False)
+        if client is None or "progress" not in client:
+            raise RuntimeError(f"checkpoint {root / tag} could not be loaded or has no training progress")
+        self.progress = Progress(**client["progress"])
+        self.log.info(f"resumed from {root / tag}: epoch {self.progress.epoch}, batch {self.progress.batch}, "
+                      f"step {self.engine.global_steps}")
+        return True
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+
+    def save(self, tag: str) -> None:
+        """Save on every rank; mark complete and move the ``latest`` pointer only when all files are written."""
+        state = {"progress": self.progress.__dict__, "global_step": self.engine.global_steps}
+        self.engine.save_checkpoint(str(self.ckpt_root), tag, client_state=state, save_latest=False,
+                                    exclude_frozen_parameters=True)
+        dist.barrier()
+        if self.rank == 0:
+            (self.ckpt_root / tag / "COMPLETE").write_text(json.dumps({"time": time.time(), **state}))
+            _write_atomic(self.ckpt_root / "latest", tag)
+            self._prune()
+        dist.barrier()
+
+    def _prune(self) -> None:
+        keep = {complete_tag(self.ckpt_root, "latest"), complete_tag(self.ckpt_root, "best")}
+        steps = sorted(p for p in self.ckpt_root.glob("step*") if p.is_dir())
+        for old in steps[:-max(1, self.cfg.train.keep_checkpoints)]:
+            if old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def mark_best(self, tag: str) -> None:
+        if self.rank == 0:
+            _write_atomic(self.ckpt_root / "best", tag)
+        dist.barrier()
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+
+    def stream_config(self) -> TrainStreamConfig:
+        cfg = self.cfg
+        return TrainStreamConfig(
+            shard_dir=cfg.data.shards, split=cfg.data.train_split, image_size=cfg.model.image_size,
+            micro_batch=cfg.micro_batch(self.world_size), batches_per_epoch=self.micro_batches_per_epoch,
+            rank=self.rank, world_size=self.world_size, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+            augment=cfg.data.augment, erasing_p=cfg.data.random_erasing, corruption=cfg.loss.caption_corruption)
+
+    def train(self) -> dict:
+        cfg, prog = self.cfg, self.progress
+        self.log.info(f"trainable parameters: {self.trainable_count:,}; {self.steps_per_epoch} steps per epoch; "
+                      f"world size {self.world_size}, ep_size {cfg.adapter.ep_size}, ds config zero stage "
+                      f"{self.ds_config.get('zero_optimization', {}).get('stage', 0)}, dtype {self.dtype}")
+        if cfg.train.eval_zero_shot and prog.zero_shot is None:
+            prog.zero_shot = self.evaluate(cfg.data.test_split)
+            self.log.metrics({"event": "zero_shot", "split": cfg.data.test_split, **prog.zero_shot})
+        stream = self.stream_config()
+        stopped = False
+        while prog.epoch < cfg.train.epochs and not stopped:
+            loader = train_loader(stream, self.captions, prog.epoch, prog.batch, cfg.data.workers)
+            bar = self.log.progress(total=self.micro_batches_per_epoch, initial=prog.batch,
+                                    desc=f"epoch {prog.epoch + 1}/{cfg.train.epochs}")
+            for batch in loader:
+                out = self.engine({k: v.to(self.device) for k, v in batch.items()} |
+                                  {"image": batch["image"].to(self.device, self.dtype)})
+                self.engine.backward(out["loss"])
+                self.engine.step()
+                prog.batch += 1
+                bar.update(1)
+                step = self.engine.global_steps
+                boundary = prog.batch % cfg.train.grad_accum == 0
+                if boundary and step % cfg.train.log_every == 0:
+                    self._log_step(out, step)
+                if boundary and cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                    self.save(f"step{step:08d}")
+                if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
+                    stopped = True
+                    break
+            bar.close()
+            if not stopped:
+                prog.epoch, prog.batch = prog.epoch + 1, 0
+                self._end_of_epoch()
+            else:
+                self.save(f"step{self.engine.global_steps:08d}")
+        return self.finish()
+
+    def _log_step(self, out: dict, step: int) -> None:
+        record = {"step": step, "epoch": self.progress.epoch, "loss": float(out["loss"].detach()),
+                  "sdm": float(out["sdm"]), "lb": float(out["lb"]), "lr": self.scheduler.get_last_lr()[0]}
+        self.log.metrics(record, routing=self.model.expert_counts())
+
+    def _end_of_epoch(self) -> None:
+        cfg, prog = self.cfg, self.progress
+        tag = f"step{self.engine.global_steps:08d}"
+        last = prog.epoch == cfg.train.epochs
+        if cfg.data.val_split and (prog.epoch % cfg.train.eval_every == 0 or last):
+            val = self.evaluate(cfg.data.val_split)
+            prog.history.append({"epoch": prog.epoch, "step": self.engine.global_steps, **val})
+            self.log.metrics({"event": "val", "epoch": prog.epoch, **val})
+            if val["R1"] > prog.best_score:
+                prog.best_score, prog.best_tag = val["R1"], tag
+        self.save(tag)
+        if cfg.data.val_split and prog.best_tag == tag:
+            self.mark_best(tag)
+
+    def finish(self) -> dict:
+        """Test the selected model (best on val, else the last) and write results.json."""
+        cfg, prog = self.cfg, self.progress
+        selection = "last step (no validation split)" if not cfg.data.val_split else "last step (not validated)"
+        if cfg.data.val_split and prog.best_tag:
+            selection = f"best validation R1 ({prog.best_tag})"
+            if prog.best_tag != complete_tag(self.ckpt_root, "latest"):
+                self.engine.load_checkpoint(str(self.ckpt_root), prog.best_tag, load_module_strict=False,
+                                            load_optimizer_states=False, load_lr_scheduler_states=False)
+        test = self.evaluate(cfg.data.test_split)
+        results = {"model_selection": selection, "zero_shot": prog.zero_shot, "test": test,
+                   "validation": prog.history, "trainable_parameters": self.trainable_count,
+                   "world_size": self.world_size, "ep_size": cfg.adapter.ep_size}
+        self.log.metrics({"event": "test", **test})
+        if self.rank == 0:
+            _write_atomic(self.run_dir / "results.json", json.dumps(results, indent=2))
+            self.log.info(format_results(results))
+        self.log.close()
+        return results
+
+
+def format_results(results: dict) -> str:
+    rows = [("untrained", results.get("zero_shot")), ("trained", results["test"])]
+    lines = [f"{'test split':<12}" + "".join(f"{k:>8}" for k in METRIC_KEYS)]
+    for name, metrics in rows:
+        if metrics:
+            lines.append(f"{name:<12}" + "".join(f"{metrics[k]:8.2f}" for k in METRIC_KEYS))
+    lines.append(f"model selection: {results['model_selection']}")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path, split: str, local_rank: int) -> dict[str, float]:
+    """Load a saved run's adapters into a fresh model (any world size / ep_size) and score ``split``."""
+    world_size = dist.get_world_size()
+    if cfg.adapter.router != "dense" and world_size % cfg.adapter.ep_size:
+        cfg.adapter.ep_size = 1  # DeepSpeed reshards the expert files on load
+    root, tag = resolve_checkpoint(checkpoint)
+    model, captions = build_model(cfg)
+    precision = "bf16" if torch.cuda.is_available() and cfg.train.precision != "fp32" else "fp32"
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                 "bf16": {"enabled": precision == "bf16"}, "zero_optimization": {"stage": 0}}
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.load_checkpoint(str(root), tag, load_module_strict=False, load_optimizer_states=False,
+                           load_lr_scheduler_states=False, load_module_only=True)
+    metrics = Evaluator(cfg, engine, captions, device_for(local_rank)).evaluate(split)
+    return {"checkpoint": str(root / tag), "split": split, **metrics}

@@ -1,0 +1,58 @@
+"""Evaluate a saved run: ``python -m dsmoe.evaluate --checkpoint runs/x [--config model.yaml] [--split test]``.
+
+Runs in one process without a launcher (or under ``deepspeed`` with several); the experts saved at any
+ep_size are loaded into the current world. Without ``--config`` the run directory's config.yaml is used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dsmoe.cli import add_common_arguments  # noqa: E402
+from dsmoe.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_common_arguments(parser)
+    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints directory or tag directory")
+    parser.add_argument("--split", default=None, help="split to score (default: data.test_split)")
+    parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    args = parser.parse_args(argv)
+    config = args.config
+    if config is None and (Path(args.checkpoint) / "config.yaml").is_file():
+        config = Path(args.checkpoint) / "config.yaml"
+    try:
+        cfg = load_config(config, args.set)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from dsmoe import distributed
+    from dsmoe.engine import evaluate_checkpoint
+
+    rank, _, local_rank = distributed.init_distributed()
+    try:
+        try:
+            metrics = evaluate_checkpoint(cfg, args.checkpoint, args.split or cfg.data.test_split, local_rank)
+        except FileNotFoundError as exc:
+            if rank == 0:
+                print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if rank == 0:
+            text = json.dumps(metrics, indent=2)
+            print(text)
+            if args.output:
+                Path(args.output).write_text(text)
+        return 0
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

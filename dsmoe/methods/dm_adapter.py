@@ -1,0 +1,66 @@
+"""DM-Adapter: a sparse mixture of adapters with a domain-aware router in every block of both CLIP encoders.
+
+Block: ``x = x + attn(ln_1 x);  x = x + mlp(ln_2 x) + s * SMA(ln_3 x)`` with s = 0.1 (image), 4 (text).
+Loss: SDM + lb_weight * sum over layers of the load-balancing loss.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsmoe.backbones.clip import FrozenCLIP
+from dsmoe.config import RunConfig
+from dsmoe.losses import sdm_loss
+from dsmoe.moe.adapter import AdapterBranch
+
+
+class DMAdapter(nn.Module):
+    def __init__(self, cfg: RunConfig, backbone: FrozenCLIP):
+        super().__init__()
+        self.backbone = backbone
+        self.image_scale = cfg.adapter.image_scale
+        self.text_scale = cfg.adapter.text_scale
+        self.logit_scale = cfg.loss.logit_scale
+        self.lb_weight = cfg.loss.lb_weight
+        seed = cfg.train.seed
+        self.image_adapters = nn.ModuleList(
+            AdapterBranch(backbone.image_width, cfg.adapter, f"image.{i}", seed)
+            for i in range(backbone.num_image_blocks))
+        self.text_adapters = nn.ModuleList(
+            AdapterBranch(backbone.text_width, cfg.adapter, f"text.{i}", seed)
+            for i in range(backbone.num_text_blocks))
+
+    def _image_branch(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self.image_scale * self.image_adapters[index](x)
+
+    def _text_branch(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self.text_scale * self.text_adapters[index](x)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encode_image(pixels, parallel=self._image_branch)
+
+    def encode_text(self, ids: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encode_text(ids, eot, parallel=self._text_branch)
+
+    def branches(self) -> dict[str, AdapterBranch]:
+        named = {f"image.{i}": b for i, b in enumerate(self.image_adapters)}
+        named.update({f"text.{i}": b for i, b in enumerate(self.text_adapters)})
+        return named
+
+    def routing_loss(self) -> torch.Tensor:
+        """Load-balancing loss of the last forward, summed over every adapted layer."""
+        return torch.stack([b.lb_loss.float() for b in self.branches().values()]).sum()
+
+    def expert_counts(self) -> dict[str, list[int]]:
+        """Routes per expert of the last forward, per layer (this rank's tokens)."""
+        return {name: b.expert_counts.tolist() for name, b in self.branches().items()
+                if b.expert_counts is not None}
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        image = self.encode_image(batch["image"])
+        image_lb = torch.stack([b.lb_loss.float() for b in self.image_adapters]).sum()
+        text = self.encode_text(batch["text"], batch["eot"])
+        text_lb = torch.stack([b.lb_loss.float() for b in self.text_adapters]).sum()
+        sdm = sdm_loss(image, text, batch["pid"], logit_scale=self.logit_scale)
+        lb = image_lb + text_lb
+        return {"loss": sdm + self.lb_weight * lb, "sdm": sdm.detach(), "lb": lb.detach()}

@@ -1,0 +1,1 @@
+"""Adapters built from DeepSpeed MoE layers: experts, routers and the adapter branch."""

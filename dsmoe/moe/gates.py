@@ -1,0 +1,97 @@
+"""Routers that plug into DeepSpeed's MoE layer in place of its ``TopKGate``.
+
+DeepSpeed's ``MOELayer`` calls ``gate(tokens [S, d], used_token, sparse_routes=True, use_tutel)`` and
+expects the sparse-route tuple ``(l_aux, capacity, num_experts, indices [k, S], locations [k, S],
+gates [k, S], exp_counts [E])``. Our routers compute their own logits and route every token to its
+top-k experts with no gating noise and no capacity limit (no token is ever dropped): the capacity
+is the largest per-expert load, agreed across the expert-parallel group so the all-to-all buffers
+match on every rank.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.moe.sharded_moe import TopKGate
+from torch import nn
+
+from dsmoe.losses import load_balancing_loss
+
+
+def route_top_k(logits: torch.Tensor, k: int, ep_group=None, capacity_factor: float | None = None):
+    """Top-k routing of ``logits`` [S, E] in DeepSpeed's sparse-route format.
+
+    Returns ``(lb_loss, capacity, E, indices, locations, gates, exp_counts)`` where ``gates`` are the
+    softmax over the k selected logits and ``lb_loss`` is DM-Adapter's load-balancing loss
+    (sum_e P_e f_e over the whole top-k). With ``capacity_factor`` None no route is dropped; otherwise
+    each expert takes at most ``ceil(capacity_factor * k * S / E)`` routes and the rest are flagged
+    with expert index -1 (DeepSpeed then adds nothing for them).
+    """
+    num_tokens, num_experts = logits.shape
+    probs = F.softmax(logits, dim=-1)
+    top_logits, top_idx = logits.topk(k, dim=-1)  # [S, k]
+    gates = F.softmax(top_logits, dim=-1)
+    lb = load_balancing_loss(probs, top_idx, num_experts)
+
+    # Slot of each route inside its expert's buffer, routes ordered route-major (all first choices,
+    # then all second choices), as DeepSpeed's own top-2 does.
+    route_major = top_idx.t()  # [k, S]
+    one_hot = F.one_hot(route_major.reshape(-1), num_experts)  # [k*S, E]
+    positions = one_hot.cumsum(dim=0) - 1
+    locations = positions.gather(1, route_major.reshape(-1, 1)).view(k, num_tokens)
+    exp_counts = one_hot.sum(dim=0)
+
+    if capacity_factor is None:
+        capacity = exp_counts.max().clamp(min=1)
+    else:
+        capacity = torch.tensor(max(1, math.ceil(capacity_factor * k * num_tokens / num_experts)))
+        route_major = torch.where(locations < capacity, route_major, torch.full_like(route_major, -1))
+    if ep_group is not None and dist.is_initialized() and dist.get_world_size(group=ep_group) > 1:
+        dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=ep_group)
+    return (lb, capacity, num_experts, route_major.to(torch.int32), locations.to(torch.int32), gates.t(),
+            exp_counts.detach())
+
+
+class _SparseRouter(TopKGate):
+    """Shared forward: subclasses only say how logits are computed from the tokens."""
+
+    def __init__(self, dim: int, num_experts: int, k: int, capacity_factor: float | None):
+        super().__init__(dim, num_experts, k=k, noisy_gate_policy=None, drop_tokens=capacity_factor is not None,
+                         top2_2nd_expert_sampling=False)
+        self.route_capacity_factor = capacity_factor
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):  # noqa: A002 (DeepSpeed's name)
+        assert sparse_routes and not use_tutel, "DeepSpeed's MOELayer always asks for sparse routes"
+        return route_top_k(self.logits(input.float()), self.k, self.ep_group, self.route_capacity_factor)
+
+
+class LinearRouter(_SparseRouter):
+    """Plain linear router ``x W`` (ablation), top-k without noise."""
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.linear(tokens, self.wg.weight.float())
+
+
+class DomainAwareRouter(_SparseRouter):
+    """DM-Adapter's domain-aware router: ``(1 - a) x W_in + a p W_d``.
+
+    ``a`` is a learnable scalar (init 0.5) and ``p`` a learnable domain prompt (randn init); ``p`` only
+    enters the router. ``wg`` keeps DeepSpeed's name for ``W_in``.
+    """
+
+    def __init__(self, dim: int, num_experts: int, k: int, capacity_factor: float | None = None):
+        super().__init__(dim, num_experts, k, capacity_factor)
+        self.domain_proj = nn.Linear(dim, num_experts, bias=False)
+        self.domain_prompt = nn.Parameter(torch.randn(dim))
+        self.mix = nn.Parameter(torch.full((1,), 0.5))  # 1-d: DeepSpeed cannot broadcast 0-d parameters
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        token_logits = F.linear(tokens, self.wg.weight.float())
+        domain_logits = F.linear(self.domain_prompt.float(), self.domain_proj.weight.float())
+        mix = self.mix.float()
+        return (1 - mix) * token_logits + mix * domain_logits
