@@ -1,0 +1,96 @@
+"""Shared fixtures: a one-rank process group for DeepSpeed's MoE layer and a tiny CLIP saved on disk."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+# A few captions for the tiny tokenizer (word level): enough words for short and truncated captions.
+TINY_CAPTIONS = [
+    "a woman in a red top and black trousers carries a blue backpack",
+    "the man wears a green shirt with white shorts and a yellow hat",
+    "a person in an orange jacket over purple skirt walks with a handbag",
+    "someone wearing blue jeans and a black coat has long blond hair",
+]
+TINY_IMAGE = 16  # square pre-training resolution of the tiny CLIP (a 2x2 grid of 8x8 patches)
+TINY_PATCH = 8
+TINY_TEXT_POSITIONS = 16
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def dist_env() -> None:
+    """A one-process gloo group, as ``deepspeed.init_distributed`` makes it under the launcher."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+        deepspeed.init_distributed()
+    assert dist.is_initialized() and dist.get_world_size() == 1
+    yield
+
+
+def wire_moe(model: nn.Module) -> nn.Module:
+    """Give every MoE adapter its expert-parallel group (what ``deepspeed.initialize`` does)."""
+    from dsmoe.moe.adapter import AdapterBranch
+
+    for module in model.modules():
+        if isinstance(module, AdapterBranch) and module.moe is not None:
+            module.moe.set_deepspeed_parallelism()
+    return model
+
+
+@pytest.fixture
+def wire(dist_env) -> Callable[[nn.Module], nn.Module]:
+    return wire_moe
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised tiny ``CLIPModel`` and its word-level tokenizer, saved in one directory."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from dsmoe.demo import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-clip")
+    tokenizer = train_tokenizer(TINY_CAPTIONS, out)
+    assert tokenizer.eos_token_id != 2, "transformers would pool at the largest id for eos id 2"
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=TINY_TEXT_POSITIONS,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=TINY_IMAGE, patch_size=TINY_PATCH),
+        projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_clip(tiny_clip_dir: Path):
+    """A fresh copy of the tiny CLIP (FrozenCLIP modifies the model it wraps)."""
+    from dsmoe.backbones.clip import load_clip
+
+    return load_clip(str(tiny_clip_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_clip_dir: Path):
+    from dsmoe.data.text import load_tokenizer
+
+    return load_tokenizer(str(tiny_clip_dir))
