@@ -1,0 +1,29 @@
+"""The paper-scale configuration: ViT-B/16 CLIP at 384x128 with DM-Adapter's adapters (built from a config,
+random weights: the real run loads openai/clip-vit-base-patch16 the same way)."""
+from __future__ import annotations
+
+from transformers import CLIPConfig, CLIPModel
+
+from dsmoe.backbones.clip import FrozenCLIP
+from dsmoe.config import REPO_ROOT, load_config
+from dsmoe.engine import trainable_parameters
+from dsmoe.methods.dm_adapter import DMAdapter
+
+
+def vit_b16_clip() -> CLIPModel:
+    """OpenAI CLIP ViT-B/16's architecture (transformers' defaults are ViT-B/32: only the patch differs)."""
+    return CLIPModel(CLIPConfig(vision_config={"patch_size": 16}, projection_dim=512))
+
+
+def test_vit_b16_dm_adapter_has_about_16m_trainable_parameters():
+    cfg = load_config(REPO_ROOT / "dsmoe" / "configs" / "dm_adapter" / "cuhk_pedes.yaml")
+    model = DMAdapter(cfg, FrozenCLIP(vit_b16_clip(), cfg.model.image_size))
+    trainable = trainable_parameters(model)
+    count = sum(p.numel() for p in trainable.values())
+    # The paper reports about 16M trainable parameters.
+    assert 15_000_000 < count < 17_000_000, count
+    assert all(name.startswith(("image_adapters.", "text_adapters.")) for name in trainable)
+    # every block of both encoders carries the adapters; the backbone sees a 24x8 grid
+    assert len(model.image_adapters) == 12 and len(model.text_adapters) == 12
+    assert model.backbone.grid == (24, 8) and model.backbone.image_positions.shape == (1 + 24 * 8, 768)
+    print(f"ViT-B/16 DM-Adapter trainable parameters: {count:,}")
