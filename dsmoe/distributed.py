@@ -35,6 +35,12 @@ def map_slurm_env(env: dict[str, str] = os.environ) -> None:
     env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 2000))
 
 
+def launched_world_size() -> int:
+    """How many processes the launcher started (1 for a plain ``python``), known before the process group."""
+    map_slurm_env()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed() -> tuple[int, int, int]:
     """Start the process group (gloo on CPU, nccl on GPUs) and return (rank, world_size, local_rank)."""
     import deepspeed
@@ -52,7 +58,9 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group; after an error skip the barrier (the other ranks may be gone)."""
     if dist.is_initialized():
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

@@ -323,7 +323,7 @@ class Trainer:
             if not stopped:
                 prog.epoch, prog.batch = prog.epoch + 1, 0
                 self._end_of_epoch()
-            else:
+            elif complete_tag(self.ckpt_root) != f"step{self.engine.global_steps:08d}":
                 self.save(f"step{self.engine.global_steps:08d}")
         return self.finish()
 

@@ -38,20 +38,22 @@ def main(argv: list[str] | None = None) -> int:
 
     rank, _, local_rank = distributed.init_distributed()
     try:
-        try:
-            metrics = evaluate_checkpoint(cfg, args.checkpoint, args.split or cfg.data.test_split, local_rank)
-        except FileNotFoundError as exc:
-            if rank == 0:
-                print(f"error: {exc}", file=sys.stderr)
-            return 2
-        if rank == 0:
-            text = json.dumps(metrics, indent=2)
-            print(text)
-            if args.output:
-                Path(args.output).write_text(text)
-        return 0
-    finally:
+        metrics = evaluate_checkpoint(cfg, args.checkpoint, args.split or cfg.data.test_split, local_rank)
+    except FileNotFoundError as exc:  # a wrong --checkpoint path: the same on every rank
         distributed.shutdown()
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BaseException:
+        distributed.shutdown(clean=False)
+        raise
+    if rank == 0:
+        text = json.dumps(metrics, indent=2)
+        print(text)
+        if args.output:
+            Path(args.output).write_text(text)
+    distributed.shutdown()
+    return 0
 
 
 if __name__ == "__main__":

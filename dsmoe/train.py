@@ -5,14 +5,20 @@ Without ``--config`` it runs the embedded demo (synthetic data, tiny CLIP, exper
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # started as a script (deepspeed dsmoe/train.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
 from dsmoe.cli import add_common_arguments  # noqa: E402
-from dsmoe.config import ConfigError, load_config, load_ds_config  # noqa: E402
+from dsmoe.config import ConfigError, RunConfig, compose_ds_config, load_config, load_ds_config  # noqa: E402
+from dsmoe.data.pipeline import read_split  # noqa: E402
+from dsmoe.distributed import launched_world_size  # noqa: E402
+from dsmoe.engine import complete_tag  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,39 +35,47 @@ def main(argv: list[str] | None = None) -> int:
     try:  # user mistakes in the YAML or JSON fail here, before any process group starts
         cfg = load_config(args.config, args.set)
         ds_config = load_ds_config(args.ds_config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        world_size = launched_world_size()
+        cfg.check_world(world_size)
+        compose_ds_config(ds_config, cfg, world_size, torch.cuda.is_available())
+        if args.resume == "none" and complete_tag(Path(cfg.train.output_dir) / "checkpoints") is not None:
+            raise ConfigError(f"{cfg.train.output_dir} already holds checkpoints: use --resume auto to continue, "
+                              f"or choose another train.output_dir")
+        if not cfg.demo:  # the demo writes its shards after start-up
+            for split in filter(None, (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)):
+                read_split(cfg.data.shards, split)
+    except (ConfigError, FileNotFoundError) as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
         return 2
 
     from dsmoe import distributed
-    from dsmoe.engine import Trainer, complete_tag
 
     rank, world_size, local_rank = distributed.init_distributed()
+    assert world_size == launched_world_size(), "the process group disagrees with the launcher's WORLD_SIZE"
     try:
-        try:
-            cfg.check_world(world_size)
-        except ConfigError as exc:
-            if rank == 0:
-                print(f"error: {exc}", file=sys.stderr)
-            return 2
-        if cfg.demo:
-            if rank == 0:
-                from dsmoe.demo import prepare_demo
+        run(cfg, ds_config, args.resume, rank, world_size, local_rank)
+    except BaseException:
+        distributed.shutdown(clean=False)
+        raise
+    distributed.shutdown()
+    return 0
 
-                prepare_demo(cfg.demo_dir, cfg.model)
-            distributed.barrier()
-        trainer = Trainer(cfg, ds_config, rank, world_size, local_rank)
-        if args.resume == "none" and complete_tag(trainer.ckpt_root) is not None:
-            if rank == 0:
-                print(f"error: {trainer.run_dir} already holds checkpoints: use --resume auto to continue, or "
-                      f"choose another train.output_dir", file=sys.stderr)
-            return 2
-        trainer.write_run_files()
-        trainer.resume(None if args.resume == "none" else args.resume)
-        trainer.train()
-        return 0
-    finally:
-        distributed.shutdown()
+
+def run(cfg: RunConfig, ds_config: dict, resume: str, rank: int, world_size: int, local_rank: int) -> None:
+    from dsmoe import distributed
+    from dsmoe.engine import Trainer
+
+    if cfg.demo:
+        if rank == 0:
+            from dsmoe.demo import prepare_demo
+
+            prepare_demo(cfg.demo_dir, cfg.model)
+        distributed.barrier()
+    trainer = Trainer(cfg, ds_config, rank, world_size, local_rank)
+    trainer.write_run_files()
+    trainer.resume(None if resume == "none" else resume)
+    trainer.train()
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ class CaptionEncoder:
             self.mask_id = min(special) - 1
             if self.mask_id <= 0:
                 raise ValueError("the tokenizer has no mask token and no regular id below its special tokens")
-        self.regular_ids = [i for i in range(len(tokenizer)) if i not in set(special) and i != self.mask_id]
+        excluded = set(special) | {self.mask_id}
+        self.regular_ids = [i for i in range(len(tokenizer)) if i not in excluded]
 
     def encode(self, captions: list[str]) -> EncodedCaptions:
         ids = self.tokenizer(captions, max_length=self.length, truncation=True, padding="max_length",
