@@ -5,6 +5,7 @@ Every YAML key maps to a dataclass field; an unknown key or a value of the wrong
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -38,8 +39,9 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    router: Literal["domain_aware", "linear", "dense"] = "domain_aware"
-    """``domain_aware`` (DM-Adapter), ``linear`` (plain top-k router) or ``dense`` (one adapter, no MoE)."""
+    router: Literal["domain_aware", "linear", "dense", "language"] = "domain_aware"
+    """``domain_aware`` (DM-Adapter), ``linear`` (learned top-k router), ``dense`` (one adapter, no MoE) or
+    ``language`` (DASD: one expert per target language, each caption's tokens go to its language's expert)."""
     num_experts: int = 6
     top_k: int = 2
     ep_size: int = 1
@@ -50,6 +52,47 @@ class AdapterConfig:
     """Expert hidden width is d / bottleneck_ratio."""
     image_scale: float = 0.1
     text_scale: float = 4.0
+
+
+@dataclass
+class StageConfig:
+    epochs: int = 1
+    lr: float = 2.0e-4
+
+
+@dataclass
+class DASDConfig:
+    """DASD's target-language text path (DESIGN.md section 3)."""
+
+    languages: list[str] = field(default_factory=lambda: ["de"])
+    """Target languages (keys of the shards' ``captions``); English is the source."""
+    stages: list[Literal["cla", "cma"]] = field(default_factory=lambda: ["cla", "cma"])
+    """Stages run in order, each in ``train.output_dir/<stage>`` and starting from the previous one's weights:
+    ``cla`` aligns target captions with English ones (text only), ``cma`` with images."""
+    cla: StageConfig = field(default_factory=lambda: StageConfig(epochs=1, lr=2.0e-4))
+    cma: StageConfig = field(default_factory=lambda: StageConfig(epochs=1, lr=6.0e-6))
+    stage: Literal["cla", "cma"] = "cla"
+    """The stage being run (set from ``stages`` by the stage runner)."""
+    tokenizer: str = "bert-base-multilingual-cased"
+    """Target-language tokenizer (mBERT) hub id or directory."""
+    embeddings: str | None = "bert-base-multilingual-cased"
+    """Model whose word embeddings initialise the trainable table; null: random init of the tokenizer's size."""
+    embedding_dim: int = 768
+    """Width of the table when ``embeddings`` is null (mBERT's is read from the model)."""
+    adapter_rank: int = 32
+    """Bottleneck of the dynamic adapter; W_z is rank x rank."""
+    generator_dim: int = 512
+    """Width of z, the per-caption vector the W_z of every layer is generated from."""
+    extractor_hidden: int = 256
+    extractor_blocks: int = 2
+    """Frozen CLIP text blocks the semantics extractors run through, each followed by a bottleneck MLP."""
+    consistency_weight: float = 0.1
+    adversarial_weight: float = 0.001
+    discriminator_lr: float = 1.0e-4
+    logit_scale: float = 100.0
+    """InfoNCE scale of stage CMA."""
+    init_from: str | None = None
+    """A run or checkpoint whose trainable weights start the first stage (optimiser state fresh)."""
 
 
 @dataclass
@@ -128,12 +171,13 @@ class WandbConfig:
 
 @dataclass
 class RunConfig:
-    method: Literal["dm_adapter"] = "dm_adapter"
+    method: Literal["dm_adapter", "dasd"] = "dm_adapter"
     demo: bool = False
     """Create the synthetic dataset, its shards and a tiny CLIP under ``demo_dir`` when missing."""
     demo_dir: str = ".cache/dsmoe-demo"
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    dasd: DASDConfig = field(default_factory=DASDConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -143,6 +187,20 @@ class RunConfig:
     def validate(self) -> None:
         """Checks that need more than one field; world-size checks happen once it is known."""
         a = self.adapter
+        if self.method == "dm_adapter" and a.router == "language":
+            raise ConfigError("adapter.router 'language' is DASD's; DM-Adapter uses domain_aware, linear or dense")
+        if self.method == "dasd":
+            if a.router == "domain_aware":
+                raise ConfigError("adapter.router for DASD: language, linear or dense (domain_aware is DM-Adapter's)")
+            if not self.dasd.stages:
+                raise ConfigError("dasd.stages is empty: list cla and/or cma")
+            if not self.dasd.languages or "en" in self.dasd.languages:
+                raise ConfigError("dasd.languages lists the target languages (at least one, not 'en')")
+            if a.router == "language" and a.num_experts != len(self.dasd.languages):
+                raise ConfigError(f"adapter.router 'language' needs adapter.num_experts = len(dasd.languages) = "
+                                  f"{len(self.dasd.languages)}, got {a.num_experts}")
+        if a.router == "language" and a.top_k != 1:
+            raise ConfigError("adapter.router 'language' sends each token to exactly one expert: set adapter.top_k 1")
         if a.router != "dense":
             if not 1 <= a.top_k <= a.num_experts:
                 raise ConfigError(f"adapter.top_k={a.top_k} must be between 1 and adapter.num_experts={a.num_experts}")
@@ -366,3 +424,20 @@ def _walk(node: Any, prefix: str = ""):
             yield from _walk(value, f"{prefix}.{key}" if prefix else key)
     else:
         yield prefix, node
+
+
+def stage_configs(cfg: RunConfig) -> list[RunConfig]:
+    """The runs a config asks for: itself, or one per DASD stage (own run directory, epochs and learning rate,
+    initialised from the previous stage's weights)."""
+    if cfg.method != "dasd":
+        return [cfg]
+    runs, previous = [], cfg.dasd.init_from
+    for stage in cfg.dasd.stages:
+        run = copy.deepcopy(cfg)
+        settings = getattr(cfg.dasd, stage)
+        run.dasd.stage, run.train.epochs, run.optim.lr = stage, settings.epochs, settings.lr
+        run.train.output_dir = str(Path(cfg.train.output_dir) / stage)
+        run.dasd.init_from = previous
+        previous = run.train.output_dir
+        runs.append(run)
+    return runs

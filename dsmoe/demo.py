@@ -10,7 +10,9 @@ score is low and the adapters have to learn the rest (trousers, bags, hats). Eac
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +22,11 @@ import random
 import numpy as np
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+from transformers import BertConfig, BertModel, BertTokenizerFast, CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
-from dsmoe.config import REPO_ROOT, ModelConfig
+from dsmoe.config import REPO_ROOT, ModelConfig, RunConfig
 from dsmoe.data.synthetic import Identity, make_identities, make_synthetic_pedes, render_person
+from dsmoe.data.synthetic import _caption as caption_for  # noqa: PLC2701 (one caption naming every attribute)
 from dsmoe.data.transforms import eval_transform
 from dsmoe.losses import symmetric_info_nce
 
@@ -95,19 +98,121 @@ def build_tiny_clip(out_dir: Path, tokenizer: PreTrainedTokenizerFast, seed: int
     model.save_pretrained(out_dir)
 
 
-def prepare_demo(demo_dir: str | Path, model: ModelConfig) -> None:
-    """Create (once) the raw dataset, its shards and the tiny CLIP + tokenizer under ``demo_dir``."""
+def prepare_demo(cfg: RunConfig) -> None:
+    """Create (once) the assets of the demo recipe ``cfg`` under ``cfg.demo_dir``."""
+    if cfg.method == "dasd":
+        prepare_dasd_demo(cfg)
+    else:
+        prepare_person_demo(cfg.demo_dir, cfg.model)
+
+
+def _make_shards(*args: str) -> None:
+    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "make_shards.py"), *args], check=True)
+
+
+def _ensure_tiny_clip(clip_dir: Path, english_captions: list[str]) -> None:
+    if not (clip_dir / "config.json").is_file():
+        rng = random.Random(0)
+        corpus = english_captions + [web_caption(person, rng) for person in make_identities(200, seed=1000)]
+        build_tiny_clip(clip_dir, train_tokenizer(corpus, clip_dir))
+
+
+def prepare_person_demo(demo_dir: str | Path, model: ModelConfig) -> None:
+    """The DM-Adapter demo: synthetic CUHK-PEDES layout, its shards, the tiny CLIP."""
     demo_dir = Path(demo_dir)
     raw = make_synthetic_pedes(demo_dir / "raw")
     shards = demo_dir / "shards"
     if not (shards / "test.manifest.json").is_file():
-        subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "make_shards.py"), "--dataset", "cuhk-pedes",
-                        "--root", str(raw), "--out", str(shards), "--samples-per-shard", "64",
-                        "--resize", f"{model.image_size[0]}x{model.image_size[1]}"], check=True)
-    clip_dir = Path(model.clip)
-    if not (clip_dir / "config.json").is_file():
-        records = json.loads((Path(raw) / "reid_raw.json").read_text())
-        rng = random.Random(0)
-        captions = [c for r in records if r["split"] == "train" for c in r["captions"]]
-        captions += [web_caption(person, rng) for person in make_identities(200, seed=1000)]
-        build_tiny_clip(clip_dir, train_tokenizer(captions, clip_dir))
+        _make_shards("--dataset", "cuhk-pedes", "--root", str(raw), "--out", str(shards), "--samples-per-shard", "64",
+                     "--resize", f"{model.image_size[0]}x{model.image_size[1]}")
+    records = json.loads((Path(raw) / "reid_raw.json").read_text())
+    _ensure_tiny_clip(Path(model.clip), [c for r in records if r["split"] == "train" for c in r["captions"]])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DASD demo: a Multi30K-layout dataset with two made-up target languages
+
+
+def rewrite_xx(caption: str) -> str:
+    """Made-up language "xx": every word reversed with the suffix -o, punctuation dropped."""
+    return " ".join(word[::-1] + "o" for word in re.findall(r"[a-z\-]+", caption.lower()))
+
+
+def rewrite_yy(caption: str) -> str:
+    """Made-up language "yy": each word replaced by a fixed pseudo-word, in reverse word order."""
+    words = re.findall(r"[a-z\-]+", caption.lower())
+    return " ".join(_pseudo_word(word) for word in reversed(words))
+
+
+def _pseudo_word(word: str) -> str:
+    syllables = ["ka", "lu", "mi", "zo", "te", "ra", "ni", "po", "sa", "qe", "vu", "di"]
+    digest = hashlib.sha256(word.encode()).digest()
+    return "".join(syllables[b % len(syllables)] for b in digest[:3])
+
+
+DEMO_LANGUAGES = {"xx": rewrite_xx, "yy": rewrite_yy}
+MULTI30K_SPLITS = {"train": 300, "val": 60, "test_2016_flickr": 60}
+
+
+def make_synthetic_multi30k(root: Path, seed: int = 0) -> Path:
+    """Multi30K task-1 layout: ``images/`` (Flickr30K-style names), ``data/task1/image_splits/{split}.txt`` and
+    ``data/task1/raw/{split}.{lang}`` (one caption per image and line, aligned across languages)."""
+    stamp = root / ".synthetic_done"
+    if stamp.is_file():
+        return root
+    rng, noise = random.Random(seed), np.random.default_rng(seed)
+    people = make_identities(sum(MULTI30K_SPLITS.values()), seed=2000 + seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "task1" / "image_splits").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "task1" / "raw").mkdir(parents=True, exist_ok=True)
+    offset = 0
+    for split, count in MULTI30K_SPLITS.items():
+        names, english = [], []
+        for person in people[offset:offset + count]:
+            name = f"{1000000000 + person.pid * 7919}.jpg"
+            render_person(person, rng, noise, (128, 64)).save(root / "images" / name, quality=90)
+            names.append(name)
+            english.append(caption_for(person, rng))
+        offset += count
+        (root / "data" / "task1" / "image_splits" / f"{split}.txt").write_text("\n".join(names) + "\n")
+        (root / "data" / "task1" / "raw" / f"{split}.en").write_text("\n".join(english) + "\n")
+        for lang, rewrite in DEMO_LANGUAGES.items():
+            lines = [rewrite(c) for c in english]
+            (root / "data" / "task1" / "raw" / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
+    stamp.write_text(json.dumps({"seed": seed, "splits": MULTI30K_SPLITS}))
+    return root
+
+
+def build_tiny_mbert(out_dir: Path, captions: list[str]) -> None:
+    """A WordPiece tokenizer (BERT's format, like mBERT's) and a tiny BertModel whose word embeddings DASD loads."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(captions, trainers.WordPieceTrainer(
+        vocab_size=2000, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                             cls_token="[CLS]", mask_token="[MASK]")
+    fast.save_pretrained(out_dir)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(fast), hidden_size=96, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=128)).save_pretrained(out_dir)
+
+
+def prepare_dasd_demo(cfg: RunConfig) -> None:
+    """The DASD demo: synthetic Multi30K layout (en + xx + yy), its shards, the tiny CLIP and the tiny "mBERT"."""
+    demo_dir = Path(cfg.demo_dir)
+    raw = make_synthetic_multi30k(demo_dir / "raw")
+    shards = demo_dir / "shards"
+    if not (shards / "test.manifest.json").is_file():
+        _make_shards("--dataset", "multi30k", "--root", str(raw), "--out", str(shards), "--task", "1",
+                     "--languages", ",".join(["en", *DEMO_LANGUAGES]), "--samples-per-shard", "64",
+                     "--resize", f"{cfg.model.image_size[0]}x{cfg.model.image_size[1]}")
+    task = raw / "data" / "task1" / "raw"
+    english = (task / "train.en").read_text().splitlines()
+    _ensure_tiny_clip(Path(cfg.model.clip), english)
+    mbert = Path(cfg.dasd.tokenizer)
+    if not (mbert / "config.json").is_file():
+        build_tiny_mbert(mbert, [line for lang in DEMO_LANGUAGES for line in (task / f"train.{lang}").read_text()
+                                 .splitlines()])

@@ -8,7 +8,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import deepspeed
 import torch
@@ -17,31 +17,16 @@ import yaml
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups
 
-from dsmoe.backbones.clip import FrozenCLIP, load_clip
 from dsmoe.config import RunConfig, compose_ds_config, to_dict
-from dsmoe.data.pipeline import (TrainStreamConfig, batches_per_epoch, caption_batches, eval_loader,
-                                 train_loader)
-from dsmoe.data.text import CaptionEncoder, load_tokenizer
-from dsmoe.methods.dm_adapter import DMAdapter
-from dsmoe.metrics import rank_metrics
+from dsmoe.data.pipeline import TrainStreamConfig, batches_per_epoch, eval_loader, train_loader
+from dsmoe.methods.base import Method, get_method
+from dsmoe.preemption import REQUEUE, PreemptionWatch
 from dsmoe.run_log import RunLogger
 
-METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # model and optimiser
-
-
-def build_model(cfg: RunConfig, ep_size: int | None = None) -> tuple[DMAdapter, CaptionEncoder]:
-    """Frozen CLIP + adapters, and the caption encoder. ``ep_size`` overrides the config's (evaluation)."""
-    if ep_size is not None:
-        cfg.adapter.ep_size = ep_size
-    torch.manual_seed(cfg.train.seed)  # identical non-expert initialisation on every rank
-    backbone = FrozenCLIP(load_clip(cfg.model.clip), cfg.model.image_size)
-    model = DMAdapter(cfg, backbone)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.clip)
-    return model, CaptionEncoder(tokenizer, cfg.model.text_length)
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -67,7 +52,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, start_factor: floa
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def check_expert_placement(model: DMAdapter, ep_size: int) -> None:
+def check_expert_placement(ep_size: int) -> None:
     """Experts were initialised assuming DeepSpeed's consecutive-rank expert-parallel groups."""
     if ep_size <= 1:
         return
@@ -132,15 +117,13 @@ def engine_dtype(engine) -> torch.dtype:
 
 
 class Evaluator:
-    """Feature extraction over a split with every rank in lockstep, and the retrieval metrics."""
+    """Features of a split's images and captions with every rank in lockstep, gathered on all ranks."""
 
-    def __init__(self, cfg: RunConfig, engine, captions: CaptionEncoder, device: torch.device):
-        self.cfg, self.engine, self.captions, self.device = cfg, engine, captions, device
-        self.model: DMAdapter = engine.module
+    def __init__(self, cfg: RunConfig, engine, device: torch.device):
+        self.cfg, self.engine, self.device = cfg, engine, device
+        self.model = engine.module
         self.dtype = engine_dtype(engine)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-
-    # -- evaluation ---------------------------------------------------------------------------------------------
 
     def _lockstep(self, batches: Iterable[dict], dummy: dict) -> Iterator[tuple[dict, bool]]:
         """Yield (batch, real) until every rank is done; a finished rank runs ``dummy`` so MoE collectives match."""
@@ -153,48 +136,51 @@ class Evaluator:
                 return
             yield (batch, True) if batch is not None else (dummy, False)
 
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
+
     @torch.no_grad()
-    def extract_features(self, split: str) -> tuple[torch.Tensor, ...]:
-        """Features of every image and caption of ``split``, gathered on all ranks."""
+    def features(self, split: str, language: str, encode: Callable[[list[str]], dict],
+                 text_forward: Callable[[dict], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(image features, image labels, caption features, caption labels) of every sample of ``split``.
+
+        ``encode`` turns captions into a batch of tensors and ``text_forward`` that batch into features; each
+        caption's label is its image's (person id, or image id for image-text data).
+        """
         cfg = self.cfg
         self.engine.eval()
         h, w = cfg.model.image_size
-        images, image_pids, captions, caption_pids = [], [], [], []
+        images, image_labels, captions, caption_labels = [], [], [], []
         loader = eval_loader(cfg.data.shards, split, cfg.model.image_size, self.rank, self.world_size,
-                             cfg.train.eval_batch_size, cfg.data.workers)
+                             cfg.train.eval_batch_size, cfg.data.workers, language)
         dummy_image = {"image": torch.zeros(1, 3, h, w), "pid": torch.zeros(1, dtype=torch.long), "captions": []}
         for batch, real in self._lockstep(loader, dummy_image):
             feats = self.model.encode_image(batch["image"].to(self.device, self.dtype)).float().cpu()
             if real:
                 images.append(feats)
-                image_pids.append(batch["pid"])
-                for pid, caps in zip(batch["pid"].tolist(), batch["captions"]):
+                image_labels.append(batch["pid"])
+                for label, caps in zip(batch["pid"].tolist(), batch["captions"]):
                     captions.extend(caps)
-                    caption_pids.extend([pid] * len(caps))
-        texts, text_pids = [], []
-        empty = self.captions.encode([""])
-        dummy_text = {"text": empty.ids, "eot": empty.eot, "pid": torch.zeros(1, dtype=torch.long)}
-        for batch, real in self._lockstep(caption_batches(captions, caption_pids, self.captions,
-                                                          cfg.train.eval_batch_size), dummy_text):
-            feats = self.model.encode_text(batch["text"].to(self.device), batch["eot"].to(self.device))
+                    caption_labels.extend([label] * len(caps))
+        size = cfg.train.eval_batch_size
+        chunks = ((captions[i:i + size], caption_labels[i:i + size]) for i in range(0, len(captions), size))
+        texts, text_labels = [], []
+        for (chunk, labels), real in self._lockstep(chunks, ([""], [0])):
+            feats = text_forward(self._to_device(encode(chunk))).float().cpu()
             if real:
-                texts.append(feats.float().cpu())
-                text_pids.append(batch["pid"])
+                texts.append(feats)
+                text_labels.append(torch.tensor(labels))
         self.engine.train()
-        local = [torch.cat(images) if images else torch.zeros(0, 1), torch.cat(image_pids) if image_pids else
-                 torch.zeros(0, dtype=torch.long), torch.cat(texts) if texts else torch.zeros(0, 1),
-                 torch.cat(text_pids) if text_pids else torch.zeros(0, dtype=torch.long)]
+        local = [_cat(images, 1), _cat(image_labels), _cat(texts, 1), _cat(text_labels)]
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, local)
-        parts = [[g[i] for g in gathered if g[i].numel()] for i in range(4)]
-        return tuple(torch.cat(p) for p in parts)
+        return tuple(torch.cat([g[i] for g in gathered if g[i].numel()]) for i in range(4))
 
-    def evaluate(self, split: str) -> dict[str, float]:
-        image, image_pids, text, text_pids = self.extract_features(split)
-        similarity = torch.nn.functional.normalize(text, dim=-1) @ torch.nn.functional.normalize(image, dim=-1).t()
-        metrics = rank_metrics(similarity, text_pids, image_pids)
-        metrics.update(images=int(image.shape[0]), captions=int(text.shape[0]))
-        return metrics
+
+def _cat(parts: list[torch.Tensor], width: int | None = None) -> torch.Tensor:
+    if parts:
+        return torch.cat(parts)
+    return torch.zeros(0, width) if width is not None else torch.zeros(0, dtype=torch.long)
 
 
 class Trainer:
@@ -204,26 +190,29 @@ class Trainer:
         self.run_dir = Path(cfg.train.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.ds_config = compose_ds_config(ds_config, cfg, world_size, torch.cuda.is_available())
-        self.steps_per_epoch = batches_per_epoch(cfg.data.shards, cfg.data.train_split, cfg.train.batch_size)
+        self.method: Method = get_method(cfg)
+        self.steps_per_epoch = batches_per_epoch(cfg.data.shards, cfg.data.train_split, cfg.train.batch_size,
+                                                 self.method.train_languages())
         self.micro_batches_per_epoch = self.steps_per_epoch * cfg.train.grad_accum
         total_steps = self.steps_per_epoch * cfg.train.epochs
         warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
 
-        model, self.captions = build_model(cfg)
+        model = self.method.build()
         self.trainable_count = sum(p.numel() for p in trainable_parameters(model).values())
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg), config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s: lr_factor(s, warmup, total_steps, cfg.optim.warmup_start_factor)))
-        check_expert_placement(model, cfg.adapter.ep_size if cfg.adapter.router != "dense" else 1)
-        self.model: DMAdapter = self.engine.module
+        check_expert_placement(cfg.adapter.ep_size if cfg.adapter.router != "dense" else 1)
+        self.model = self.engine.module
         self.dtype = engine_dtype(self.engine)
-        self.evaluator = Evaluator(cfg, self.engine, self.captions, self.device)
+        self.evaluator = Evaluator(cfg, self.engine, self.device)
         self.progress = Progress()
         self.log = RunLogger(self.run_dir, rank, cfg, enabled_wandb=cfg.wandb.enabled)
+        self.preemption = PreemptionWatch()
 
     def evaluate(self, split: str) -> dict[str, float]:
-        return self.evaluator.evaluate(split)
+        return self.method.evaluate(self.evaluator, split)
 
     # -- set-up -------------------------------------------------------------------------------------------------
 
@@ -249,20 +238,30 @@ class Trainer:
         if client is None or "progress" not in client:
             raise RuntimeError(f"checkpoint {root / tag} could not be loaded or has no training progress")
         self.progress = Progress(**client["progress"])
+        self.method.load_state_dict(client.get("method", {}))
         self.log.info(f"resumed from {root / tag}: epoch {self.progress.epoch}, batch {self.progress.batch}, "
                       f"step {self.engine.global_steps}")
         return True
+
+    def init_from(self, path: str) -> None:
+        """Start from another run's trainable weights (e.g. DASD's CMA from its CLA run); optimiser state fresh."""
+        root, tag = resolve_checkpoint(path)
+        self.engine.load_checkpoint(str(root), tag, load_module_strict=False, load_optimizer_states=False,
+                                    load_lr_scheduler_states=False, load_module_only=True)
+        self.log.info(f"initialised the trainable weights from {root / tag}")
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
     def save(self, tag: str) -> None:
         """Save on every rank; mark complete and move the ``latest`` pointer only when all files are written."""
-        state = {"progress": self.progress.__dict__, "global_step": self.engine.global_steps}
+        state = {"progress": self.progress.__dict__, "global_step": self.engine.global_steps,
+                 "method": self.method.state_dict()}
         self.engine.save_checkpoint(str(self.ckpt_root), tag, client_state=state, save_latest=False,
                                     exclude_frozen_parameters=True)
         dist.barrier()
         if self.rank == 0:
-            (self.ckpt_root / tag / "COMPLETE").write_text(json.dumps({"time": time.time(), **state}))
+            marker = {"time": time.time(), "progress": self.progress.__dict__, "global_step": self.engine.global_steps}
+            (self.ckpt_root / tag / "COMPLETE").write_text(json.dumps(marker))
             _write_atomic(self.ckpt_root / "latest", tag)
             self._prune()
         dist.barrier()
@@ -287,7 +286,7 @@ class Trainer:
             shard_dir=cfg.data.shards, split=cfg.data.train_split, image_size=cfg.model.image_size,
             micro_batch=cfg.micro_batch(self.world_size), batches_per_epoch=self.micro_batches_per_epoch,
             rank=self.rank, world_size=self.world_size, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-            augment=cfg.data.augment, erasing_p=cfg.data.random_erasing, corruption=cfg.loss.caption_corruption)
+            augment=cfg.data.augment, erasing_p=cfg.data.random_erasing, load_images=self.method.load_images)
 
     def train(self) -> dict:
         cfg, prog = self.cfg, self.progress
@@ -300,13 +299,14 @@ class Trainer:
         stream = self.stream_config()
         stopped = False
         while prog.epoch < cfg.train.epochs and not stopped:
-            loader = train_loader(stream, self.captions, prog.epoch, prog.batch, cfg.data.workers)
+            loader = train_loader(stream, self.method.train_texts(), prog.epoch, prog.batch, cfg.data.workers)
             bar = self.log.progress(total=self.micro_batches_per_epoch, initial=prog.batch,
                                     desc=f"epoch {prog.epoch + 1}/{cfg.train.epochs}")
             for batch in loader:
-                out = self.engine({k: v.to(self.device) for k, v in batch.items()} |
-                                  {"image": batch["image"].to(self.device, self.dtype)})
-                self.engine.backward(out["loss"])
+                batch = {k: v.to(self.device, dtype=self.dtype) if k == "image" else v.to(self.device)
+                         for k, v in batch.items()}
+                out = self.engine(batch)
+                self.method.backward(self.engine, out)
                 self.engine.step()
                 prog.batch += 1
                 bar.update(1)
@@ -316,6 +316,8 @@ class Trainer:
                     self._log_step(out, step)
                 if boundary and cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     self.save(f"step{step:08d}")
+                if boundary and (request := self.preemption.agreed()):
+                    return self.stop_for_preemption(request)
                 if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
                     stopped = True
                     break
@@ -327,9 +329,22 @@ class Trainer:
                 self.save(f"step{self.engine.global_steps:08d}")
         return self.finish()
 
+    def stop_for_preemption(self, request: int) -> dict:
+        """Save where we are (every rank), then requeue the Slurm job if the warning signal asked for it."""
+        tag = f"step{self.engine.global_steps:08d}"
+        if complete_tag(self.ckpt_root) != tag:
+            self.save(tag)
+        outcome = "stopped on SIGTERM"
+        if request == REQUEUE and self.rank == 0:
+            outcome = self.preemption.requeue()
+        self.log.info(f"preempted at step {self.engine.global_steps}: saved {tag}; {outcome}")
+        self.log.metrics({"event": "preempted", "step": self.engine.global_steps, "outcome": outcome})
+        self.log.close()
+        return {"preempted": True, "checkpoint": tag}
+
     def _log_step(self, out: dict, step: int) -> None:
-        record = {"step": step, "epoch": self.progress.epoch, "loss": float(out["loss"].detach()),
-                  "sdm": float(out["sdm"]), "lb": float(out["lb"]), "lr": self.scheduler.get_last_lr()[0]}
+        record = {"step": step, "epoch": self.progress.epoch, **self.method.scalars(out),
+                  "lr": self.scheduler.get_last_lr()[0]}
         self.log.metrics(record, routing=self.model.expert_counts())
 
     def _end_of_epoch(self) -> None:
@@ -340,8 +355,9 @@ class Trainer:
             val = self.evaluate(cfg.data.val_split)
             prog.history.append({"epoch": prog.epoch, "step": self.engine.global_steps, **val})
             self.log.metrics({"event": "val", "epoch": prog.epoch, **val})
-            if val["R1"] > prog.best_score:
-                prog.best_score, prog.best_tag = val["R1"], tag
+            score = val[self.method.selection_metric]
+            if score > prog.best_score:
+                prog.best_score, prog.best_tag = score, tag
         self.save(tag)
         if cfg.data.val_split and prog.best_tag == tag:
             self.mark_best(tag)
@@ -351,7 +367,7 @@ class Trainer:
         cfg, prog = self.cfg, self.progress
         selection = "last step (no validation split)" if not cfg.data.val_split else "last step (not validated)"
         if cfg.data.val_split and prog.best_tag:
-            selection = f"best validation R1 ({prog.best_tag})"
+            selection = f"best validation {self.method.selection_metric} ({prog.best_tag})"
             if prog.best_tag != complete_tag(self.ckpt_root, "latest"):
                 self.engine.load_checkpoint(str(self.ckpt_root), prog.best_tag, load_module_strict=False,
                                             load_optimizer_states=False, load_lr_scheduler_states=False)
@@ -362,17 +378,18 @@ class Trainer:
         self.log.metrics({"event": "test", **test})
         if self.rank == 0:
             _write_atomic(self.run_dir / "results.json", json.dumps(results, indent=2))
-            self.log.info(format_results(results))
+            self.log.info(format_results(results, self.method.report_metrics))
         self.log.close()
         return results
 
 
-def format_results(results: dict) -> str:
+def format_results(results: dict, keys: tuple[str, ...]) -> str:
     rows = [("untrained", results.get("zero_shot")), ("trained", results["test"])]
-    lines = [f"{'test split':<12}" + "".join(f"{k:>8}" for k in METRIC_KEYS)]
+    width = max(8, *(len(k) + 2 for k in keys))
+    lines = [f"{'test split':<12}" + "".join(f"{k:>{width}}" for k in keys)]
     for name, metrics in rows:
         if metrics:
-            lines.append(f"{name:<12}" + "".join(f"{metrics[k]:8.2f}" for k in METRIC_KEYS))
+            lines.append(f"{name:<12}" + "".join(f"{metrics[k]:{width}.2f}" for k in keys))
     lines.append(f"model selection: {results['model_selection']}")
     return "\n".join(lines)
 
@@ -383,12 +400,13 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path, split: str, loca
     if cfg.adapter.router != "dense" and world_size % cfg.adapter.ep_size:
         cfg.adapter.ep_size = 1  # DeepSpeed reshards the expert files on load
     root, tag = resolve_checkpoint(checkpoint)
-    model, captions = build_model(cfg)
+    method = get_method(cfg)
+    model = method.build()
     precision = "bf16" if torch.cuda.is_available() and cfg.train.precision != "fp32" else "fp32"
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                  "bf16": {"enabled": precision == "bf16"}, "zero_optimization": {"stage": 0}}
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.load_checkpoint(str(root), tag, load_module_strict=False, load_optimizer_states=False,
                            load_lr_scheduler_states=False, load_module_only=True)
-    metrics = Evaluator(cfg, engine, captions, device_for(local_rank)).evaluate(split)
+    metrics = method.evaluate(Evaluator(cfg, engine, device_for(local_rank)), split)
     return {"checkpoint": str(root / tag), "split": split, **metrics}

@@ -5,6 +5,7 @@ Without ``--config`` it runs the embedded demo (synthetic data, tiny CLIP, exper
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ if __package__ in (None, ""):  # started as a script (deepspeed dsmoe/train.py):
 import torch  # noqa: E402
 
 from dsmoe.cli import add_common_arguments  # noqa: E402
-from dsmoe.config import ConfigError, RunConfig, compose_ds_config, load_config, load_ds_config  # noqa: E402
+from dsmoe.config import (ConfigError, RunConfig, compose_ds_config, load_config, load_ds_config,  # noqa: E402
+                          stage_configs)
 from dsmoe.data.pipeline import read_split  # noqa: E402
 from dsmoe.distributed import launched_world_size  # noqa: E402
 from dsmoe.engine import complete_tag  # noqa: E402
@@ -38,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         world_size = launched_world_size()
         cfg.check_world(world_size)
         compose_ds_config(ds_config, cfg, world_size, torch.cuda.is_available())
-        if args.resume == "none" and complete_tag(Path(cfg.train.output_dir) / "checkpoints") is not None:
-            raise ConfigError(f"{cfg.train.output_dir} already holds checkpoints: use --resume auto to continue, "
-                              f"or choose another train.output_dir")
+        for stage in stage_configs(cfg):
+            if args.resume == "none" and complete_tag(Path(stage.train.output_dir) / "checkpoints") is not None:
+                raise ConfigError(f"{stage.train.output_dir} already holds checkpoints: use --resume auto to "
+                                  f"continue, or choose another train.output_dir")
         if not cfg.demo:  # the demo writes its shards after start-up
             for split in filter(None, (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)):
                 read_split(cfg.data.shards, split)
@@ -62,6 +65,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def finished_results(cfg: RunConfig) -> str | None:
+    """The results table of a run whose newest checkpoint completed every epoch, else None."""
+    from dsmoe.engine import format_results
+    from dsmoe.methods.base import get_method
+
+    root = Path(cfg.train.output_dir)
+    tag = complete_tag(root / "checkpoints")
+    results = root / "results.json"
+    if tag is None or not results.is_file():
+        return None
+    marker = json.loads((root / "checkpoints" / tag / "COMPLETE").read_text())
+    if marker["progress"]["epoch"] < cfg.train.epochs:
+        return None
+    return format_results(json.loads(results.read_text()), get_method(cfg).report_metrics)
+
+
 def run(cfg: RunConfig, ds_config: dict, resume: str, rank: int, world_size: int, local_rank: int) -> None:
     from dsmoe import distributed
     from dsmoe.engine import Trainer
@@ -70,12 +89,19 @@ def run(cfg: RunConfig, ds_config: dict, resume: str, rank: int, world_size: int
         if rank == 0:
             from dsmoe.demo import prepare_demo
 
-            prepare_demo(cfg.demo_dir, cfg.model)
+            prepare_demo(cfg)
         distributed.barrier()
-    trainer = Trainer(cfg, ds_config, rank, world_size, local_rank)
-    trainer.write_run_files()
-    trainer.resume(None if resume == "none" else resume)
-    trainer.train()
+    for stage in stage_configs(cfg):
+        if resume == "auto" and (done := finished_results(stage)) is not None:
+            if rank == 0:
+                print(f"[dsmoe] {stage.train.output_dir} finished all {stage.train.epochs} epochs:\n{done}")
+            continue
+        trainer = Trainer(stage, ds_config, rank, world_size, local_rank)
+        trainer.write_run_files()
+        if not trainer.resume(None if resume == "none" else resume) and stage.method == "dasd" \
+                and stage.dasd.init_from:
+            trainer.init_from(stage.dasd.init_from)
+        trainer.train()
 
 
 if __name__ == "__main__":

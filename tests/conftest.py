@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +38,11 @@ def dist_env() -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        # The shared-memory op that init_distributed JIT-builds is cached per virtual environment: checkouts with
+        # other venvs sharing ~/.cache/torch_extensions would otherwise invalidate each other's build (~30 s each).
+        if "TORCH_EXTENSIONS_DIR" not in os.environ:
+            venv = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+            os.environ["TORCH_EXTENSIONS_DIR"] = str(Path.home() / ".cache" / "torch_extensions" / f"venv-{venv}")
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
         deepspeed.init_distributed()

@@ -27,8 +27,8 @@ def demo_assets(tmp_path_factory) -> dict[str, str]:
     from dsmoe.demo import prepare_demo
 
     root = tmp_path_factory.mktemp("demo")
-    cfg = load_config(None, [f"model.clip={root / 'tiny-clip'}"])
-    prepare_demo(root, cfg.model)
+    cfg = load_config(None, [f"model.clip={root / 'tiny-clip'}", f"demo_dir={root}"])
+    prepare_demo(cfg)
     return {"demo_dir": str(root), "model.clip": str(root / "tiny-clip"), "data.shards": str(root / "shards")}
 
 

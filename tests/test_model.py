@@ -16,9 +16,14 @@ from dsmoe.losses import load_balancing_loss, sdm_loss
 from dsmoe.moe.adapter import AdapterBranch, BottleneckExpert, expert_parallel_rank, expert_seed
 from dsmoe.moe.gates import DomainAwareRouter, LinearRouter
 
-from conftest import TINY_CAPTIONS, TINY_IMAGE, TINY_PATCH
-
 DIM = 16
+# The tiny CLIP of conftest.py: 16x16 images in 8x8 patches, hidden 32, two blocks per encoder.
+TINY_IMAGE = 16
+LONG_CAPTIONS = [  # longer than the 10- and 12-token lengths used below: they get truncated
+    "a woman in a red top and black trousers carries a blue backpack",
+    "the man wears a green shirt with white shorts and a yellow hat",
+    "a person in an orange jacket over purple skirt walks with a handbag",
+]
 
 
 def _adapter_cfg(**kw) -> AdapterConfig:
@@ -125,7 +130,7 @@ def test_experts_are_initialised_independently_and_deterministically():
     b = AdapterBranch(DIM, _adapter_cfg(), "image.0", seed=5)
     other_branch = AdapterBranch(DIM, _adapter_cfg(), "image.1", seed=5)
     other_seed = AdapterBranch(DIM, _adapter_cfg(), "image.0", seed=6)
-    downs = [e.down.weight for e in _experts(a)]
+    downs = [e.down.weight.detach() for e in _experts(a)]
     assert len(downs) == 4
     for i in range(4):
         for j in range(i + 1, 4):
@@ -191,6 +196,7 @@ def test_dense_branch_is_zero_at_init_with_zero_routing_loss():
 
 
 def test_encode_image_matches_transformers(tiny_clip):
+    assert tiny_clip.config.vision_config.image_size == TINY_IMAGE
     backbone = FrozenCLIP(tiny_clip, (TINY_IMAGE, TINY_IMAGE))
     pixels = torch.randn(3, 3, TINY_IMAGE, TINY_IMAGE)
     with torch.no_grad():
@@ -203,7 +209,7 @@ def test_encode_image_matches_transformers(tiny_clip):
 def test_encode_text_matches_transformers(tiny_clip, tiny_tokenizer):
     backbone = FrozenCLIP(tiny_clip, (TINY_IMAGE, TINY_IMAGE))
     encoder = CaptionEncoder(tiny_tokenizer, 10)
-    captions = ["a red top", TINY_CAPTIONS[0], TINY_CAPTIONS[1], ""]  # short, truncated, truncated, empty
+    captions = ["a red top", LONG_CAPTIONS[0], LONG_CAPTIONS[1], ""]  # short, truncated, truncated, empty
     encoded = encoder.encode(captions)
     assert encoded.eot.tolist()[0] == 4 and encoded.eot.tolist()[1] == 9 and encoded.eot.tolist()[3] == 1
     with torch.no_grad():
@@ -272,16 +278,16 @@ def _run_config(clip_dir, **adapter) -> RunConfig:
 
 @pytest.fixture
 def dm_model(tiny_clip_dir, wire):
-    from dsmoe.engine import build_model
+    from dsmoe.methods.dm_adapter import DMAdapterMethod
 
     cfg = _run_config(tiny_clip_dir)
-    model, encoder = build_model(cfg)
-    return cfg, wire(model), encoder
+    method = DMAdapterMethod(cfg)
+    return cfg, wire(method.build()), method.captions
 
 
 def _batch(encoder: CaptionEncoder, size=(24, 16)) -> dict:
     torch.manual_seed(11)
-    captions = ["a red top", TINY_CAPTIONS[0], "blue jeans and a black coat", TINY_CAPTIONS[2]]
+    captions = ["a red top", LONG_CAPTIONS[0], "blue jeans and a black coat", LONG_CAPTIONS[2]]
     encoded = encoder.encode(captions)
     return {"image": torch.randn(4, 3, *size), "text": encoded.ids, "eot": encoded.eot,
             "pid": torch.tensor([0, 0, 1, 2])}
@@ -382,10 +388,11 @@ def test_backward_and_adam_step_change_only_trainable_parameters(dm_model):
 
 
 def test_dense_dm_adapter_has_zero_routing_loss(tiny_clip_dir):
-    from dsmoe.engine import build_model
+    from dsmoe.methods.dm_adapter import DMAdapterMethod
 
-    model, encoder = build_model(_run_config(tiny_clip_dir, router="dense"))
-    out = model(_batch(encoder))
+    method = DMAdapterMethod(_run_config(tiny_clip_dir, router="dense"))
+    model = method.build()
+    out = model(_batch(method.captions))
     assert float(out["lb"]) == 0.0
     torch.testing.assert_close(out["loss"].detach(), out["sdm"])
     assert model.expert_counts() == {}

@@ -10,8 +10,8 @@ Evaluation: every image and caption of a split is read exactly once across all r
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +34,7 @@ class SplitInfo:
     captions: int
 
 
-def read_split(shard_dir: str | Path, split: str) -> SplitInfo:
+def read_split(shard_dir: str | Path, split: str, language: str = LANGUAGE) -> SplitInfo:
     """The shards and counts of ``split`` from its manifest."""
     shard_dir = Path(shard_dir)
     manifest_path = shard_dir / f"{split}.manifest.json"
@@ -48,7 +48,15 @@ def read_split(shard_dir: str | Path, split: str) -> SplitInfo:
     if missing:
         raise FileNotFoundError(f"{manifest_path} lists shards that do not exist: {missing[:3]}")
     return SplitInfo(shards=shards, samples=int(manifest["samples"]),
-                     captions=int(manifest["captions"].get(LANGUAGE, 0)))
+                     captions=int(manifest["captions"].get(language, 0)))
+
+
+def sample_label(meta: dict) -> int:
+    """The retrieval label of a sample: the person id, or (image-text data) a stable 63-bit hash of the image id."""
+    if "pid" in meta:
+        return int(meta["pid"])
+    digest = hashlib.blake2b(str(meta["image_id"]).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def _raw_samples(shards: list[Path]) -> Iterator[dict]:
@@ -79,14 +87,61 @@ class TrainStreamConfig:
     augment: bool = True
     erasing_p: float = 0.5
     corruption: float = 0.0
+    language: str = LANGUAGE
+    load_images: bool = True
+
+
+class CaptionPairs:
+    """DM-Adapter's pairs: one per caption of ``language``; optional caption corruption."""
+
+    def __init__(self, encoder: CaptionEncoder, language: str = LANGUAGE, corruption: float = 0.0):
+        self.encoder, self.language, self.corruption = encoder, language, corruption
+
+    def expand(self, meta: dict) -> list[tuple]:
+        return list(enumerate(meta["captions"].get(self.language, [])))
+
+    def collate(self, items: list[tuple], rng_for) -> dict:
+        """``items``: (key, c, caption); ``rng_for(key, c)`` gives the per-pair random stream."""
+        encoded = self.encoder.encode([caption for _, _, caption in items])
+        ids = encoded.ids
+        if self.corruption > 0:
+            ids = torch.stack([self.encoder.corrupt(row, eot, rng_for(key, c), self.corruption)
+                               for row, eot, (key, c, _) in zip(encoded.ids, encoded.eot.tolist(), items)])
+        return {"text": ids, "eot": encoded.eot}
+
+
+class TranslationPairs:
+    """DASD's pairs: English caption c with caption c of each target language (translations align by index)."""
+
+    def __init__(self, english: CaptionEncoder, target: CaptionEncoder, languages: list[str]):
+        self.english, self.target, self.languages = english, target, list(languages)
+
+    def expand(self, meta: dict) -> list[tuple]:
+        captions = meta["captions"]
+        english = captions.get(LANGUAGE, [])
+        return [(f"{lang}{c}", (english[c], tgt, index))
+                for index, lang in enumerate(self.languages)
+                for c, tgt in enumerate(captions.get(lang, [])[:len(english)])]
+
+    def collate(self, items: list[tuple], rng_for) -> dict:
+        en = self.english.encode([payload[0] for _, _, payload in items])
+        tgt = self.target.encode([payload[1] for _, _, payload in items])
+        return {"en_text": en.ids, "en_eot": en.eot, "text": tgt.ids, "eot": tgt.eot,
+                "language": torch.tensor([payload[2] for _, _, payload in items])}
 
 
 class TrainStream(IterableDataset):
-    """Micro-batches for one rank and one epoch, starting after ``start_batch`` already-taken batches."""
+    """Micro-batches for one rank and one epoch, starting after ``start_batch`` already-taken batches.
 
-    def __init__(self, cfg: TrainStreamConfig, captions: CaptionEncoder, epoch: int, start_batch: int = 0):
+    ``texts`` turns a sample's captions into training pairs and a batch of pairs into tensors (``CaptionPairs``
+    for DM-Adapter, ``TranslationPairs`` for DASD; a bare ``CaptionEncoder`` means ``CaptionPairs``).
+    """
+
+    def __init__(self, cfg: TrainStreamConfig, texts, epoch: int, start_batch: int = 0):
         super().__init__()
-        self.cfg, self.captions, self.epoch, self.start_batch = cfg, captions, epoch, start_batch
+        if isinstance(texts, CaptionEncoder):
+            texts = CaptionPairs(texts, cfg.language, cfg.corruption)
+        self.cfg, self.texts, self.epoch, self.start_batch = cfg, texts, epoch, start_batch
         self.info = read_split(cfg.shard_dir, cfg.split)
 
     def _pairs(self, slot: int, slots: int, cycle: int) -> Iterator[tuple]:
@@ -100,8 +155,9 @@ class TrainStream(IterableDataset):
             if keep is not None and index % slots != keep:
                 continue
             meta = json.loads(sample["json"])
-            for c, caption in enumerate(meta["captions"][LANGUAGE]):
-                yield sample["__key__"], c, sample["jpg"], int(meta["pid"]), caption
+            label = sample_label(meta)
+            for c, payload in self.texts.expand(meta):
+                yield sample["__key__"], c, sample.get("jpg"), label, payload
 
     def _shuffled(self, slot: int, slots: int) -> Iterator[tuple]:
         cycle = 0
@@ -123,10 +179,13 @@ class TrainStream(IterableDataset):
     def __iter__(self):
         worker, workers = _slot()
         cfg = self.cfg
-        slot, slots = cfg.rank * workers + worker, cfg.world_size * workers
-        # The DataLoader takes batches from its workers round-robin: batch b comes from worker b % workers.
-        mine = range(worker, cfg.batches_per_epoch, workers)
-        skip = len(range(worker, min(self.start_batch, cfg.batches_per_epoch), workers))
+        # The DataLoader takes batches from its workers round-robin starting at worker 0: in an epoch started
+        # fresh, batch b comes from worker b % workers. A resumed loader's first batch is ``start_batch``, so its
+        # worker w plays the part of the fresh loader's worker (w + start_batch) % workers (same data, same order).
+        role = (worker + self.start_batch) % workers
+        slot, slots = cfg.rank * workers + role, cfg.world_size * workers
+        mine = range(role, cfg.batches_per_epoch, workers)
+        skip = len(range(role, min(self.start_batch, cfg.batches_per_epoch), workers))
         pairs = self._shuffled(slot, slots)
         for _ in range(skip * cfg.micro_batch):
             next(pairs)
@@ -135,33 +194,31 @@ class TrainStream(IterableDataset):
 
     def _collate(self, pairs: list[tuple]) -> dict:
         cfg = self.cfg
-        images = []
-        for key, c, jpg, _, _ in pairs:
-            rng = _rng(cfg.seed, self.epoch, key, c, "image")
-            img = decode_rgb(jpg)
-            images.append(train_transform(img, cfg.image_size, rng, erasing_p=cfg.erasing_p) if cfg.augment
-                          else eval_transform(img, cfg.image_size))
-        encoded = self.captions.encode([p[4] for p in pairs])
-        ids = encoded.ids
-        if cfg.corruption > 0:
-            ids = torch.stack([self.captions.corrupt(row, eot, _rng(cfg.seed, self.epoch, p[0], p[1], "text"),
-                                                     cfg.corruption)
-                               for row, eot, p in zip(encoded.ids, encoded.eot.tolist(), pairs)])
-        return {"image": torch.stack(images), "text": ids, "eot": encoded.eot,
-                "pid": torch.tensor([p[3] for p in pairs])}
+        batch = self.texts.collate([(key, c, payload) for key, c, _, _, payload in pairs],
+                                   lambda key, c: _rng(cfg.seed, self.epoch, key, c, "text"))
+        batch["pid"] = torch.tensor([p[3] for p in pairs])
+        if cfg.load_images:
+            images = []
+            for key, c, jpg, _, _ in pairs:
+                rng = _rng(cfg.seed, self.epoch, key, c, "image")
+                img = decode_rgb(jpg)
+                images.append(train_transform(img, cfg.image_size, rng, erasing_p=cfg.erasing_p) if cfg.augment
+                              else eval_transform(img, cfg.image_size))
+            batch["image"] = torch.stack(images)
+        return batch
 
 
-def batches_per_epoch(shard_dir: str, split: str, global_batch: int) -> int:
-    """Optimiser steps per epoch: every caption pair once, the last partial batch dropped."""
-    captions = read_split(shard_dir, split).captions
+def batches_per_epoch(shard_dir: str, split: str, global_batch: int, languages: tuple[str, ...] = (LANGUAGE,)) -> int:
+    """Optimiser steps per epoch: every caption pair once (of each language), the last partial batch dropped."""
+    captions = sum(read_split(shard_dir, split, language).captions for language in languages)
     if captions < global_batch:
-        raise ValueError(f"split '{split}' has {captions} captions, fewer than one global batch ({global_batch})")
+        raise ValueError(f"split '{split}' has {captions} captions in {list(languages)}, fewer than one global "
+                         f"batch ({global_batch})")
     return captions // global_batch
 
 
-def train_loader(cfg: TrainStreamConfig, captions: CaptionEncoder, epoch: int, start_batch: int,
-                 workers: int) -> DataLoader:
-    stream = TrainStream(cfg, captions, epoch, start_batch)
+def train_loader(cfg: TrainStreamConfig, texts, epoch: int, start_batch: int, workers: int) -> DataLoader:
+    stream = TrainStream(cfg, texts, epoch, start_batch)
     return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False)
 
 
@@ -172,10 +229,11 @@ def train_loader(cfg: TrainStreamConfig, captions: CaptionEncoder, epoch: int, s
 class EvalImages(IterableDataset):
     """This rank's share of a split (sample i goes to rank i % world): (image, pid, key, captions)."""
 
-    def __init__(self, shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int):
+    def __init__(self, shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int,
+                 language: str = LANGUAGE):
         super().__init__()
         self.info = read_split(shard_dir, split)
-        self.image_size, self.rank, self.world_size = image_size, rank, world_size
+        self.image_size, self.rank, self.world_size, self.language = image_size, rank, world_size, language
 
     def __iter__(self):
         worker, workers = _slot()
@@ -184,7 +242,7 @@ class EvalImages(IterableDataset):
                 continue
             meta = json.loads(sample["json"])
             image = eval_transform(decode_rgb(sample["jpg"]), self.image_size)
-            yield image, int(meta["pid"]), sample["__key__"], list(meta["captions"][LANGUAGE])
+            yield image, sample_label(meta), sample["__key__"], list(meta["captions"].get(self.language, []))
 
 
 def _collate_eval(items: list[tuple]) -> dict:
@@ -193,16 +251,6 @@ def _collate_eval(items: list[tuple]) -> dict:
 
 
 def eval_loader(shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int,
-                batch_size: int, workers: int) -> DataLoader:
-    dataset = EvalImages(shard_dir, split, image_size, rank, world_size)
+                batch_size: int, workers: int, language: str = LANGUAGE) -> DataLoader:
+    dataset = EvalImages(shard_dir, split, image_size, rank, world_size, language)
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_eval)
-
-
-def caption_batches(captions: list[str], pids: list[int], encoder: CaptionEncoder, batch_size: int) -> Iterator[dict]:
-    for start in range(0, len(captions), batch_size):
-        encoded = encoder.encode(captions[start:start + batch_size])
-        yield {"text": encoded.ids, "eot": encoded.eot, "pid": torch.tensor(pids[start:start + batch_size])}
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

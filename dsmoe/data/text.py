@@ -19,7 +19,7 @@ class EncodedCaptions:
 
 
 class CaptionEncoder:
-    """Tokenise captions to ``length`` ids (truncated, padded) and locate the end-of-text token.
+    """Tokenise captions to ``length`` ids (truncated, padded) and locate the end-of-text (or [SEP]) token.
 
     Corruption replaces tokens strictly between BOS and EOT: 80% become the mask token, 10% a random
     regular token, 10% stay. A tokenizer without a mask token (OpenAI CLIP's) uses the last regular
@@ -27,11 +27,13 @@ class CaptionEncoder:
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, length: int):
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no end-of-text (eos) token, which CLIP-style pooling needs")
+        # CLIP's tokenizer ends a caption with eos; BERT's (DASD's mBERT) with [SEP].
+        end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        if end is None:
+            raise ValueError("the tokenizer has no end-of-text (eos or sep) token, which the feature readout needs")
         self.tokenizer = tokenizer
         self.length = length
-        self.eos_id = tokenizer.eos_token_id
+        self.eos_id = end
         special = sorted(set(tokenizer.all_special_ids))
         self.mask_id = tokenizer.mask_token_id
         if self.mask_id is None:

@@ -6,11 +6,16 @@ Loss: SDM + lb_weight * sum over layers of the load-balancing loss.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from dsmoe.backbones.clip import FrozenCLIP
+from dsmoe.backbones.clip import FrozenCLIP, load_clip
 from dsmoe.config import RunConfig
+from dsmoe.data.pipeline import LANGUAGE, CaptionPairs
+from dsmoe.data.text import CaptionEncoder, load_tokenizer
 from dsmoe.losses import sdm_loss
+from dsmoe.methods.base import Method
+from dsmoe.metrics import rank_metrics
 from dsmoe.moe.adapter import AdapterBranch
 
 
@@ -64,3 +69,34 @@ class DMAdapter(nn.Module):
         sdm = sdm_loss(image, text, batch["pid"], logit_scale=self.logit_scale)
         lb = image_lb + text_lb
         return {"loss": sdm + self.lb_weight * lb, "sdm": sdm.detach(), "lb": lb.detach()}
+
+
+class DMAdapterMethod(Method):
+    """Person retrieval: pairs (image, caption, person id), SDM + LB, evaluation by ``rank_metrics``."""
+
+    selection_metric = "R1"
+    report_metrics = ("R1", "R5", "R10", "mAP", "mINP")
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.captions = CaptionEncoder(load_tokenizer(cfg.model.tokenizer or cfg.model.clip), cfg.model.text_length)
+
+    def build(self) -> DMAdapter:
+        torch.manual_seed(self.cfg.train.seed)  # identical non-expert initialisation on every rank
+        return DMAdapter(self.cfg, FrozenCLIP(load_clip(self.cfg.model.clip), self.cfg.model.image_size))
+
+    def train_texts(self) -> CaptionPairs:
+        return CaptionPairs(self.captions, LANGUAGE, self.cfg.loss.caption_corruption)
+
+    def evaluate(self, evaluator, split: str) -> dict:
+        model = evaluator.model
+
+        def encode(captions: list[str]) -> dict:
+            encoded = self.captions.encode(captions)
+            return {"text": encoded.ids, "eot": encoded.eot}
+
+        image, image_pids, text, text_pids = evaluator.features(
+            split, LANGUAGE, encode, lambda b: model.encode_text(b["text"], b["eot"]))
+        similarity = F.normalize(text, dim=-1) @ F.normalize(image, dim=-1).t()
+        metrics = rank_metrics(similarity, text_pids, image_pids)
+        return {**metrics, "images": int(image.shape[0]), "captions": int(text.shape[0])}

@@ -1,0 +1,66 @@
+"""What the training loop needs from a method, and the registry of methods."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from dsmoe.config import RunConfig
+from dsmoe.data.pipeline import LANGUAGE
+
+if TYPE_CHECKING:
+    from dsmoe.engine import Evaluator
+
+
+class Method:
+    """A retrieval method: its model, its training pairs, its backward step, its evaluation.
+
+    ``selection_metric`` names the key of ``evaluate``'s result used for model selection.
+    """
+
+    selection_metric: str = "score"
+    report_metrics: tuple[str, ...] = ()
+    """Keys of ``evaluate``'s result printed in the final table."""
+    load_images: bool = True
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    def build(self) -> nn.Module:
+        raise NotImplementedError
+
+    def train_texts(self):
+        """``CaptionPairs`` / ``TranslationPairs``: the pairs a sample gives and how a batch of them is encoded."""
+        raise NotImplementedError
+
+    def train_languages(self) -> tuple[str, ...]:
+        return (LANGUAGE,)
+
+    def backward(self, engine, out: dict) -> None:
+        engine.backward(out["loss"])
+
+    def evaluate(self, evaluator: Evaluator, split: str) -> dict:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Method state kept outside the DeepSpeed engine (saved in the checkpoint's client state)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    @staticmethod
+    def scalars(out: dict) -> dict[str, float]:
+        """Loss parts to log: the 0-d tensors of the forward's output."""
+        return {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
+
+
+def get_method(cfg: RunConfig) -> Method:
+    if cfg.method == "dm_adapter":
+        from dsmoe.methods.dm_adapter import DMAdapterMethod
+
+        return DMAdapterMethod(cfg)
+    from dsmoe.methods.dasd import DASDMethod
+
+    return DASDMethod(cfg)

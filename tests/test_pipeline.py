@@ -1,0 +1,371 @@
+"""Tests of caption encoding (dsmoe.data.text) and the WebDataset pipelines (dsmoe.data.pipeline)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from dsmoe.data.pipeline import (EvalImages, TrainStream, TrainStreamConfig, batches_per_epoch, eval_loader,
+                                 read_split, train_loader)
+from dsmoe.data.raw_formats import read_person_layout
+from dsmoe.data.shards import write_shards
+from dsmoe.data.synthetic import make_synthetic_pedes
+from dsmoe.data.text import CaptionEncoder
+from dsmoe.demo import train_tokenizer
+
+NUM_IDS = {"train": 8, "val": 2, "test": 3}
+IMAGE_SIZE = (32, 16)
+TEXT_LENGTH = 48
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def raw_records(tmp_path_factory):
+    root = make_synthetic_pedes(tmp_path_factory.mktemp("raw"), num_ids=NUM_IDS, images_per_id=2,
+                                image_size=IMAGE_SIZE)
+    return read_person_layout("cuhk-pedes", root)
+
+
+@pytest.fixture(scope="module")
+def shard_dir(raw_records, tmp_path_factory) -> str:
+    """train: 16 images / 32 captions in shards of 5, 5, 5, 1; val: 1 shard; test: 2 shards."""
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(raw_records, out, dataset="cuhk-pedes", samples_per_shard=5)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def even_shard_dir(raw_records, tmp_path_factory) -> str:
+    """The same data in four train shards of 4 samples each."""
+    out = tmp_path_factory.mktemp("even-shards")
+    write_shards(raw_records, out, dataset="cuhk-pedes", samples_per_shard=4)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def encoder(raw_records, tmp_path_factory) -> CaptionEncoder:
+    captions = [c for r in raw_records for c in r.captions]
+    tokenizer = train_tokenizer(captions, tmp_path_factory.mktemp("tok"))
+    return CaptionEncoder(tokenizer, TEXT_LENGTH)
+
+
+def _stream(shard_dir: str, *, rank: int = 0, world: int = 2, micro: int = 2, batches: int = 6,
+            split: str = "train", **kw) -> TrainStreamConfig:
+    return TrainStreamConfig(shard_dir=shard_dir, split=split, image_size=IMAGE_SIZE, micro_batch=micro,
+                             batches_per_epoch=batches, rank=rank, world_size=world, seed=7, shuffle_buffer=6,
+                             **kw)
+
+
+def _take(cfg: TrainStreamConfig, encoder: CaptionEncoder, *, epoch: int = 0, start: int = 0,
+          workers: int = 0) -> list[dict]:
+    return list(train_loader(cfg, encoder, epoch, start, workers))
+
+
+def _pairs(batches: list[dict]) -> list[tuple]:
+    """(pid, caption ids) per pair: captions of one person are distinct, so this names the caption pair."""
+    return [(int(pid), tuple(ids.tolist())) for b in batches for pid, ids in zip(b["pid"], b["text"])]
+
+
+def _tar_samples(shard_dir: str, split: str) -> dict[str, dict]:
+    """key -> parsed json of every sample in the split's shards, read with tarfile."""
+    manifest = json.loads((Path(shard_dir) / f"{split}.manifest.json").read_text())
+    samples = {}
+    for shard in manifest["shards"]:
+        with tarfile.open(Path(shard_dir) / shard["name"]) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                if ext == "json":
+                    assert key not in samples
+                    samples[key] = json.loads(tar.extractfile(member).read())
+    assert len(samples) == manifest["samples"]
+    return samples
+
+
+# ---------------------------------------------------------------- caption encoding
+
+
+def _fallback_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """OpenAI-CLIP-like: no mask token, start/end tokens after the regular vocabulary, pad = eos."""
+    vocab = {w: i for i, w in enumerate(words)}
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    vocab[bos], vocab[eos] = len(words), len(words) + 1
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=eos))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A {eos}",
+                                                       special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos,
+                                   unk_token=eos)
+
+
+def _check_layout(encoder: CaptionEncoder, ids: torch.Tensor, eot: int) -> None:
+    tok = encoder.tokenizer
+    assert int(ids[0]) == tok.bos_token_id
+    assert int(ids[eot]) == tok.eos_token_id
+    assert tok.eos_token_id not in ids[:eot].tolist()
+    assert all(int(i) == tok.pad_token_id for i in ids[eot + 1:])
+
+
+def test_eot_is_the_end_of_text_position(encoder):
+    captions = ["a man in a red top.", "", "woman " * 200]
+    encoded = encoder.encode(captions)
+    assert encoded.ids.shape == (3, TEXT_LENGTH) and encoded.ids.dtype == torch.long
+    unpadded = len(encoder.tokenizer(captions[0])["input_ids"])
+    assert encoded.eot.tolist() == [unpadded - 1, 1, TEXT_LENGTH - 1]
+    for ids, eot in zip(encoded.ids, encoded.eot.tolist()):
+        _check_layout(encoder, ids, eot)
+
+
+def test_eot_with_pad_equal_to_eos():
+    encoder = CaptionEncoder(_fallback_tokenizer(["a", "red", "top", "man"]), 8)
+    encoded = encoder.encode(["a red top", "a man a man a man a man a man"])
+    assert encoded.eot.tolist() == [4, 7]
+    assert int(encoded.ids[0, 4]) == int(encoded.ids[0, 5]) == encoder.eos_id  # padding is eos too
+
+
+def test_mask_id_fallback_below_the_special_tokens():
+    words = ["a", "red", "top", "man"]
+    encoder = CaptionEncoder(_fallback_tokenizer(words), 8)
+    assert encoder.mask_id == len(words) - 1  # min(special ids) - 1
+    assert encoder.mask_id not in encoder.regular_ids
+    assert set(encoder.regular_ids) == {0, 1, 2}
+
+
+def test_mask_id_of_a_tokenizer_with_a_mask_token(encoder):
+    tok = encoder.tokenizer
+    assert tok.mask_token_id is not None and encoder.mask_id == tok.mask_token_id
+    assert not set(encoder.regular_ids) & set(tok.all_special_ids)
+
+
+def test_tokenizers_without_usable_ids_are_refused():
+    bos, eos = "<s>", "</s>"
+    vocab = {bos: 0, eos: 1, "a": 2}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=eos))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    no_room = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos)
+    with pytest.raises(ValueError, match="mask"):
+        CaptionEncoder(no_room, 8)
+    no_eos = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, pad_token=bos)
+    with pytest.raises(ValueError, match="eos"):
+        CaptionEncoder(no_eos, 8)
+
+
+def test_corruption_spares_bos_eot_and_padding(encoder):
+    encoded = encoder.encode(["a woman in a long blue skirt and a black top carries a red handbag.", "a man."])
+    original = encoded.ids.clone()
+    for ids, eot in zip(encoded.ids, encoded.eot.tolist()):
+        touched = torch.zeros_like(ids, dtype=torch.bool)
+        for seed in range(100):
+            out = encoder.corrupt(ids, eot, random.Random(seed), 0.5)
+            assert out.shape == ids.shape
+            assert torch.equal(out[0], ids[0]) and torch.equal(out[eot:], ids[eot:])
+            _check_layout(encoder, out, eot)
+            touched |= out != ids
+        assert bool(touched[1:eot].all()), "every token between BOS and EOT can be corrupted"
+    assert torch.equal(encoded.ids, original), "corrupt returns a copy"
+
+
+def test_corruption_selects_at_least_one_token(encoder):
+    encoded = encoder.encode(["a woman in a long blue skirt and a black top."])
+    ids, eot = encoded.ids[0], int(encoded.eot[0])
+    changed = []
+    for seed in range(200):
+        out = encoder.corrupt(ids, eot, random.Random(seed), 1e-9)  # almost never selected by the draw
+        changed.append(int((out != ids).sum()))
+    assert max(changed) == 1
+    # one forced selection per caption, of which 90% are replaced (80% mask + 10% random)
+    assert sum(changed) >= 150
+
+
+def test_corruption_is_deterministic_and_mostly_masks(encoder):
+    encoded = encoder.encode(["the woman wears a long blue skirt and a black top and carries a red handbag."])
+    ids, eot = encoded.ids[0], int(encoded.eot[0])
+    assert torch.equal(encoder.corrupt(ids, eot, random.Random(5), 0.15),
+                       encoder.corrupt(ids, eot, random.Random(5), 0.15))
+    outputs = [encoder.corrupt(ids, eot, random.Random(seed), 0.4) for seed in range(300)]
+    assert len({tuple(o.tolist()) for o in outputs}) > 100, "different seeds must corrupt differently"
+    replaced = torch.cat([o[o != ids] for o in outputs])
+    selected_estimate = 0.4 * (eot - 1) * 300
+    masks = int((replaced == encoder.mask_id).sum())
+    assert masks / len(replaced) > 0.75
+    assert 0.7 * 0.8 * selected_estimate < masks < 1.3 * 0.8 * selected_estimate
+    others = replaced[replaced != encoder.mask_id]
+    assert len(others) > 0 and not set(others.tolist()) & set(encoder.tokenizer.all_special_ids)
+    assert torch.equal(encoder.corrupt(ids, eot, random.Random(1), 0.0), ids)
+
+
+# ---------------------------------------------------------------- training stream
+
+
+def test_read_split_missing_names_the_split_and_what_exists(shard_dir, tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        read_split(shard_dir, "dev")
+    message = str(err.value)
+    assert "'dev'" in message
+    for found in ("train.manifest.json", "val.manifest.json", "test.manifest.json"):
+        assert found in message
+    with pytest.raises(FileNotFoundError, match="none"):
+        read_split(tmp_path / "empty", "train")
+
+
+def test_read_split_counts(shard_dir):
+    info = read_split(shard_dir, "train")
+    assert len(info.shards) == 4 and info.samples == 16 and info.captions == 32
+    assert batches_per_epoch(shard_dir, "train", 8) == 4
+    assert batches_per_epoch(shard_dir, "train", 10) == 3
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        batches_per_epoch(shard_dir, "train", 33)
+
+
+@pytest.mark.parametrize("split,world,workers", [
+    ("train", 2, 0),   # 4 shards, 2 slots
+    ("train", 2, 1),
+    ("train", 2, 2),   # 4 shards, 4 slots
+    ("val", 2, 0),     # 1 shard, 2 slots
+    ("test", 2, 2),    # 2 shards, 4 slots
+    ("train", 3, 0),   # 4 shards, 3 slots: uneven shard counts per rank
+])
+def test_every_rank_yields_the_same_number_of_batches(shard_dir, encoder, split, world, workers):
+    per_rank = []
+    for rank in range(world):
+        cfg = _stream(shard_dir, rank=rank, world=world, micro=3, batches=5, split=split)
+        batches = _take(cfg, encoder, workers=workers)
+        per_rank.append(len(batches))
+        for batch in batches:
+            assert batch["image"].shape == (3, 3, *IMAGE_SIZE) and batch["image"].dtype == torch.float32
+            assert batch["text"].shape == (3, TEXT_LENGTH) and batch["eot"].shape == (3,)
+            assert batch["pid"].shape == (3,)
+    assert per_rank == [5] * world
+
+
+@pytest.mark.parametrize("workers,start", [(0, 1), (0, 4), (1, 3), (2, 2), (2, 3)])
+def test_resume_continues_on_the_same_batches(shard_dir, encoder, workers, start):
+    cfg = _stream(shard_dir, rank=1, micro=2, batches=7, corruption=0.3)
+    fresh = _take(cfg, encoder, workers=workers)
+    resumed = _take(cfg, encoder, start=start, workers=workers)
+    assert len(fresh) == 7 and len(resumed) == 7 - start
+    for i, (a, b) in enumerate(zip(fresh[start:], resumed)):
+        for key in ("pid", "text", "eot", "image"):
+            assert torch.equal(a[key], b[key]), f"batch {start + i}: {key} differs after resuming at {start}"
+
+
+def test_resume_past_the_end_yields_nothing(shard_dir, encoder):
+    cfg = _stream(shard_dir, batches=3)
+    assert list(TrainStream(cfg, encoder, epoch=0, start_batch=3)) == []
+    assert list(TrainStream(cfg, encoder, epoch=0, start_batch=10)) == []
+
+
+def test_stream_is_deterministic_and_epochs_differ(shard_dir, encoder):
+    cfg = _stream(shard_dir, micro=4, batches=4)
+    epoch0 = _take(cfg, encoder, epoch=0)
+    again = _take(cfg, encoder, epoch=0)
+    epoch1 = _take(cfg, encoder, epoch=1)
+    assert _pairs(epoch0) == _pairs(again)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(epoch0, again))
+    assert _pairs(epoch0) != _pairs(epoch1)
+    assert not all(torch.equal(a["image"], b["image"]) for a, b in zip(epoch0, epoch1))
+    other_seed = dataclasses.replace(cfg, seed=8)
+    assert _pairs(_take(other_seed, encoder, epoch=0)) != _pairs(epoch0)
+
+
+def _epoch_pairs(shard_dir: str, encoder: CaptionEncoder, world: int, micro: int, workers: int = 0):
+    batches = batches_per_epoch(shard_dir, "train", world * micro)
+    return [_pairs(_take(_stream(shard_dir, rank=r, world=world, micro=micro, batches=batches), encoder,
+                         workers=workers)) for r in range(world)]
+
+
+def _all_pairs(shard_dir: str, encoder: CaptionEncoder) -> set[tuple]:
+    samples = _tar_samples(shard_dir, "train")
+    captions = [(s["pid"], c) for s in samples.values() for c in s["captions"]["en"]]
+    encoded = encoder.encode([c for _, c in captions])
+    return {(int(pid), tuple(ids.tolist())) for (pid, _), ids in zip(captions, encoded.ids)}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_epoch_takes_every_pair_once_with_even_shards(even_shard_dir, encoder, workers):
+    everything = _all_pairs(even_shard_dir, encoder)
+    assert len(everything) == read_split(even_shard_dir, "train").captions == 32
+    ranks = _epoch_pairs(even_shard_dir, encoder, world=2, micro=4, workers=workers)
+    taken = [p for rank in ranks for p in rank]
+    assert len(taken) == 32
+    assert set(taken) == everything, "every caption pair exactly once over the epoch"
+    assert not set(ranks[0]) & set(ranks[1])
+
+
+def test_one_epoch_takes_nearly_every_pair_with_uneven_shards(shard_dir, encoder):
+    everything = _all_pairs(shard_dir, encoder)
+    ranks = _epoch_pairs(shard_dir, encoder, world=2, micro=4)
+    taken = [p for rank in ranks for p in rank]
+    assert len(taken) == 32 and set(taken) <= everything
+    # the slot holding the 5- and 1-sample shards (12 pairs) has to cycle for its last 4 pairs
+    assert len(set(taken)) >= 28
+    for rank in ranks:
+        first_pass = rank[:12]
+        assert len(set(first_pass)) == len(first_pass), "no pair twice before a slot's data is used up"
+
+
+def test_train_pairs_keep_image_caption_and_pid_together(shard_dir, encoder):
+    samples = _tar_samples(shard_dir, "train")
+    by_image = {}
+    for image, pid, key, captions in EvalImages(shard_dir, "train", IMAGE_SIZE, 0, 1):
+        by_image[image.numpy().tobytes()] = (key, pid)
+    assert len(by_image) == 16
+    cfg = _stream(shard_dir, micro=4, batches=4, augment=False)
+    for batch in _take(cfg, encoder):
+        for image, pid, ids in zip(batch["image"], batch["pid"], batch["text"]):
+            key, image_pid = by_image[image.numpy().tobytes()]
+            assert int(pid) == image_pid == samples[key]["pid"]
+            caption_ids = encoder.encode(samples[key]["captions"]["en"]).ids
+            assert any(torch.equal(ids, c) for c in caption_ids), "the caption belongs to the same image"
+
+
+def test_augmented_images_are_normalised_crops(shard_dir, encoder):
+    def erased(batches):  # random erasing sets a block to 0 (CLIP's mean colour after normalisation)
+        return sum(bool((img == 0).all(dim=0).any()) for b in batches for img in b["image"])
+
+    always = _take(_stream(shard_dir, micro=4, batches=2, augment=True, erasing_p=1.0), encoder)
+    never = _take(_stream(shard_dir, micro=4, batches=2, augment=True, erasing_p=0.0), encoder)
+    plain = _take(_stream(shard_dir, micro=4, batches=2, augment=False), encoder)
+    for batch in always + never + plain:
+        assert batch["image"].shape == (4, 3, *IMAGE_SIZE) and torch.isfinite(batch["image"]).all()
+    assert erased(always) >= 6 and erased(never) == 0
+    # augmentation (flip, pad-and-crop) changes the pixels of the same pairs
+    assert _pairs(never) == _pairs(plain)
+    assert not all(torch.equal(a["image"], b["image"]) for a, b in zip(never, plain))
+
+
+# ---------------------------------------------------------------- evaluation pass
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_images_cover_the_split_exactly_once(shard_dir, world):
+    samples = _tar_samples(shard_dir, "test")
+    keys = []
+    for rank in range(world):
+        for image, pid, key, captions in EvalImages(shard_dir, "test", IMAGE_SIZE, rank, world):
+            assert image.shape == (3, *IMAGE_SIZE)
+            assert pid == samples[key]["pid"] and captions == samples[key]["captions"]["en"]
+            keys.append(key)
+    assert sorted(keys) == sorted(samples) and len(keys) == len(set(keys)) == 6
+
+
+def test_eval_loader_with_workers_covers_the_split_exactly_once(shard_dir):
+    samples = _tar_samples(shard_dir, "test")
+    keys = []
+    for rank in range(2):
+        for batch in eval_loader(shard_dir, "test", IMAGE_SIZE, rank, 2, batch_size=2, workers=2):
+            assert batch["image"].shape[1:] == (3, *IMAGE_SIZE)
+            assert len(batch["key"]) == len(batch["pid"]) == len(batch["captions"]) == batch["image"].shape[0]
+            for key, pid, captions in zip(batch["key"], batch["pid"].tolist(), batch["captions"]):
+                assert pid == samples[key]["pid"] and captions == samples[key]["captions"]["en"]
+            keys.extend(batch["key"])
+    assert sorted(keys) == sorted(samples) and len(keys) == 6
