@@ -66,12 +66,14 @@ class DASDConfig:
 
     languages: list[str] = field(default_factory=lambda: ["de"])
     """Target languages (keys of the shards' ``captions``); English is the source."""
-    stages: list[Literal["cla", "cma"]] = field(default_factory=lambda: ["cla", "cma"])
+    stages: list[Literal["english", "cla", "cma"]] = field(default_factory=lambda: ["cla", "cma"])
     """Stages run in order, each in ``train.output_dir/<stage>`` and starting from the previous one's weights:
-    ``cla`` aligns target captions with English ones (text only), ``cma`` with images."""
+    ``english`` (optional, first) fine-tunes all of CLIP on the English captions and later stages use that CLIP;
+    ``cla`` aligns target captions with English ones (text only); ``cma`` aligns them with images."""
+    english: StageConfig = field(default_factory=lambda: StageConfig(epochs=1, lr=1.0e-6))
     cla: StageConfig = field(default_factory=lambda: StageConfig(epochs=1, lr=2.0e-4))
     cma: StageConfig = field(default_factory=lambda: StageConfig(epochs=1, lr=6.0e-6))
-    stage: Literal["cla", "cma"] = "cla"
+    stage: Literal["english", "cla", "cma"] = "cla"
     """The stage being run (set from ``stages`` by the stage runner)."""
     tokenizer: str = "bert-base-multilingual-cased"
     """Target-language tokenizer (mBERT) hub id or directory."""
@@ -109,6 +111,9 @@ class LossConfig:
 class DataConfig:
     shards: str = ""
     """Directory written by ``tools/make_shards.py`` ({split}-NNNNNN.tar + {split}.manifest.json)."""
+    eval_shards: str | None = None
+    """Shards the validation and test splits come from when they differ from ``shards`` (DASD zero-shot: train
+    on generic pairs, test on Multi30K / COCO); null: ``shards``."""
     train_split: str = "train"
     val_split: str | None = "val"
     """Split used for model selection; null selects the last epoch (ICFG-PEDES has no val split)."""
@@ -132,6 +137,8 @@ class OptimConfig:
     bias_lr_factor: float = 2.0
     """Biases (and LayerNorm / router scalars) get lr x this factor and no weight decay."""
     warmup_epochs: float = 5.0
+    warmup_ratio: float | None = None
+    """Warm-up as a share of all steps (DASD: 0.1); when set it replaces ``warmup_epochs``."""
     warmup_start_factor: float = 0.1
     grad_clip: float = 0.0
     """Global gradient-norm clipping; 0 disables."""
@@ -194,6 +201,8 @@ class RunConfig:
                 raise ConfigError("adapter.router for DASD: language, linear or dense (domain_aware is DM-Adapter's)")
             if not self.dasd.stages:
                 raise ConfigError("dasd.stages is empty: list cla and/or cma")
+            if "english" in self.dasd.stages[1:]:
+                raise ConfigError("dasd.stages: the English fine-tune comes first")
             if not self.dasd.languages or "en" in self.dasd.languages:
                 raise ConfigError("dasd.languages lists the target languages (at least one, not 'en')")
             if a.router == "language" and a.num_experts != len(self.dasd.languages):
@@ -431,13 +440,18 @@ def stage_configs(cfg: RunConfig) -> list[RunConfig]:
     initialised from the previous stage's weights)."""
     if cfg.method != "dasd":
         return [cfg]
-    runs, previous = [], cfg.dasd.init_from
+    runs, previous, clip = [], cfg.dasd.init_from, cfg.model.clip
     for stage in cfg.dasd.stages:
         run = copy.deepcopy(cfg)
         settings = getattr(cfg.dasd, stage)
         run.dasd.stage, run.train.epochs, run.optim.lr = stage, settings.epochs, settings.lr
         run.train.output_dir = str(Path(cfg.train.output_dir) / stage)
-        run.dasd.init_from = previous
-        previous = run.train.output_dir
+        run.model.clip = clip
+        if stage == "english":  # later stages start from the fine-tuned CLIP, saved in the stage's run dir
+            clip = str(Path(run.train.output_dir) / "clip")
+            run.dasd.init_from = None
+        else:
+            run.dasd.init_from = previous
+            previous = run.train.output_dir
         runs.append(run)
     return runs

@@ -151,8 +151,8 @@ class Evaluator:
         self.engine.eval()
         h, w = cfg.model.image_size
         images, image_labels, captions, caption_labels = [], [], [], []
-        loader = eval_loader(cfg.data.shards, split, cfg.model.image_size, self.rank, self.world_size,
-                             cfg.train.eval_batch_size, cfg.data.workers, language)
+        loader = eval_loader(cfg.data.eval_shards or cfg.data.shards, split, cfg.model.image_size, self.rank,
+                             self.world_size, cfg.train.eval_batch_size, cfg.data.workers, language)
         dummy_image = {"image": torch.zeros(1, 3, h, w), "pid": torch.zeros(1, dtype=torch.long), "captions": []}
         for batch, real in self._lockstep(loader, dummy_image):
             feats = self.model.encode_image(batch["image"].to(self.device, self.dtype)).float().cpu()
@@ -195,7 +195,8 @@ class Trainer:
                                                  self.method.train_languages())
         self.micro_batches_per_epoch = self.steps_per_epoch * cfg.train.grad_accum
         total_steps = self.steps_per_epoch * cfg.train.epochs
-        warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        warmup = round(cfg.optim.warmup_ratio * total_steps) if cfg.optim.warmup_ratio is not None \
+            else round(cfg.optim.warmup_epochs * self.steps_per_epoch)
 
         model = self.method.build()
         self.trainable_count = sum(p.numel() for p in trainable_parameters(model).values())
@@ -376,6 +377,7 @@ class Trainer:
                    "validation": prog.history, "trainable_parameters": self.trainable_count,
                    "world_size": self.world_size, "ep_size": cfg.adapter.ep_size}
         self.log.metrics({"event": "test", **test})
+        self.method.on_finish(self.model, self.run_dir, self.rank)
         if self.rank == 0:
             _write_atomic(self.run_dir / "results.json", json.dumps(results, indent=2))
             self.log.info(format_results(results, self.method.report_metrics))

@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"{stage.train.output_dir} already holds checkpoints: use --resume auto to "
                                   f"continue, or choose another train.output_dir")
         if not cfg.demo:  # the demo writes its shards after start-up
-            for split in filter(None, (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)):
-                read_split(cfg.data.shards, split)
+            read_split(cfg.data.shards, cfg.data.train_split)
+            for split in filter(None, (cfg.data.val_split, cfg.data.test_split)):
+                read_split(cfg.data.eval_shards or cfg.data.shards, split)
     except (ConfigError, FileNotFoundError) as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)

@@ -99,7 +99,13 @@ class FrozenCLIP(nn.Module):
         return len(self.clip.text_model.encoder.layers)
 
     def encode_image(self, pixels: torch.Tensor, parallel: ParallelBranch | None = None) -> torch.Tensor:
-        """[B, 3, H, W] normalised pixels -> projected CLS features [B, D] (not normalised)."""
+        """[B, 3, H, W] normalised pixels -> projected CLS features [B, D] (not normalised).
+
+        Videos, [B, N, 3, H, W]: every frame is encoded and the features are averaged (CLIP4Clip's mean pooling).
+        """
+        if pixels.dim() == 5:
+            batch, frames = pixels.shape[:2]
+            return self.encode_image(pixels.flatten(0, 1), parallel).view(batch, frames, -1).mean(dim=1)
         vm = self.clip.vision_model
         emb = vm.embeddings
         pixels = pixels.to(emb.patch_embedding.weight.dtype)
@@ -126,3 +132,20 @@ class FrozenCLIP(nn.Module):
         x = tm.final_layer_norm(x)
         pooled = x[torch.arange(x.shape[0], device=x.device), eot_positions]
         return self.clip.text_projection(pooled)
+
+
+class TrainableCLIP(FrozenCLIP):
+    """The same encoders with CLIP's weights trained (DASD's optional English fine-tune stage).
+
+    The (resized) position embedding and the unused logit scale stay fixed, so ``clip.save_pretrained`` keeps
+    everything a later stage needs: it re-derives the identical resized embedding when it loads the model.
+    """
+
+    def __init__(self, clip: CLIPModel, image_size: tuple[int, int]):
+        super().__init__(clip, image_size)
+        clip.requires_grad_(True)
+        clip.logit_scale.requires_grad_(False)
+        clip.vision_model.embeddings.position_embedding.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        return nn.Module.train(self, mode)

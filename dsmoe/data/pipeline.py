@@ -59,6 +59,21 @@ def sample_label(meta: dict) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+def _media(sample: dict, meta: dict) -> bytes | list[bytes] | None:
+    """The image bytes of a sample, or the list of its frames' bytes for a video (json ``frames``: N)."""
+    frames = int(meta.get("frames", 0))
+    if frames:
+        return [sample[f"frame{i:02d}.jpg"] for i in range(frames)]
+    return sample.get("jpg")
+
+
+def _decode(media: bytes | list[bytes], transform) -> torch.Tensor:
+    """[3, H, W] for an image, [N, 3, H, W] for a video's frames (the same transform for every frame)."""
+    if isinstance(media, list):
+        return torch.stack([transform(decode_rgb(frame)) for frame in media])
+    return transform(decode_rgb(media))
+
+
 def _raw_samples(shards: list[Path]) -> Iterator[dict]:
     """Raw tar samples (bytes per member) in shard order; members are never unpickled."""
     yield from wds.tarfile_to_samples()(iter([{"url": str(p)} for p in shards]))
@@ -156,8 +171,9 @@ class TrainStream(IterableDataset):
                 continue
             meta = json.loads(sample["json"])
             label = sample_label(meta)
+            media = _media(sample, meta) if self.cfg.load_images else None
             for c, payload in self.texts.expand(meta):
-                yield sample["__key__"], c, sample.get("jpg"), label, payload
+                yield sample["__key__"], c, media, label, payload
 
     def _shuffled(self, slot: int, slots: int) -> Iterator[tuple]:
         cycle = 0
@@ -199,11 +215,18 @@ class TrainStream(IterableDataset):
         batch["pid"] = torch.tensor([p[3] for p in pairs])
         if cfg.load_images:
             images = []
-            for key, c, jpg, _, _ in pairs:
-                rng = _rng(cfg.seed, self.epoch, key, c, "image")
-                img = decode_rgb(jpg)
-                images.append(train_transform(img, cfg.image_size, rng, erasing_p=cfg.erasing_p) if cfg.augment
-                              else eval_transform(img, cfg.image_size))
+            for key, c, media, _, _ in pairs:
+                if cfg.augment:
+                    state = _rng(cfg.seed, self.epoch, key, c, "image").getstate()
+
+                    def transform(img, state=state):  # every frame of a video gets the same augmentation
+                        rng = random.Random()
+                        rng.setstate(state)
+                        return train_transform(img, cfg.image_size, rng, erasing_p=cfg.erasing_p)
+                else:
+                    def transform(img):
+                        return eval_transform(img, cfg.image_size)
+                images.append(_decode(media, transform))
             batch["image"] = torch.stack(images)
         return batch
 
@@ -241,7 +264,7 @@ class EvalImages(IterableDataset):
             if index % self.world_size != self.rank or (index // self.world_size) % workers != worker:
                 continue
             meta = json.loads(sample["json"])
-            image = eval_transform(decode_rgb(sample["jpg"]), self.image_size)
+            image = _decode(_media(sample, meta), lambda img: eval_transform(img, self.image_size))
             yield image, sample_label(meta), sample["__key__"], list(meta["captions"].get(self.language, []))
 
 

@@ -43,6 +43,9 @@ class Method:
     def evaluate(self, evaluator: Evaluator, split: str) -> dict:
         raise NotImplementedError
 
+    def on_finish(self, model: nn.Module, run_dir, rank: int) -> None:
+        """Called on every rank after the final test (the selected weights are loaded)."""
+
     def state_dict(self) -> dict:
         """Method state kept outside the DeepSpeed engine (saved in the checkpoint's client state)."""
         return {}
@@ -61,6 +64,6 @@ def get_method(cfg: RunConfig) -> Method:
         from dsmoe.methods.dm_adapter import DMAdapterMethod
 
         return DMAdapterMethod(cfg)
-    from dsmoe.methods.dasd import DASDMethod
+    from dsmoe.methods.dasd import DASDMethod, EnglishFinetuneMethod
 
-    return DASDMethod(cfg)
+    return EnglishFinetuneMethod(cfg) if cfg.dasd.stage == "english" else DASDMethod(cfg)

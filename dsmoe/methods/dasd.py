@@ -26,9 +26,9 @@ from torch import nn
 import torch.distributed as dist
 from transformers import AutoModel
 
-from dsmoe.backbones.clip import FrozenCLIP, block_forward, load_clip
+from dsmoe.backbones.clip import FrozenCLIP, TrainableCLIP, block_forward, load_clip
 from dsmoe.config import RunConfig
-from dsmoe.data.pipeline import LANGUAGE, TranslationPairs
+from dsmoe.data.pipeline import LANGUAGE, CaptionPairs, TranslationPairs
 from dsmoe.data.text import CaptionEncoder, load_tokenizer
 from dsmoe.losses import symmetric_info_nce
 from dsmoe.methods.base import Method
@@ -283,12 +283,10 @@ class DASDMethod(Method):
                 encoded = self.target.encode(captions)
                 return {"text": encoded.ids, "eot": encoded.eot, "language": torch.full((len(captions),), index)}
 
-            image, image_ids, text, text_image_ids = evaluator.features(
-                split, lang, encode, lambda b: model.encode_text(b["text"], b["eot"], b["language"]))
-            similarity = F.normalize(text, dim=-1) @ F.normalize(image, dim=-1).t()
-            metrics = recall_metrics(similarity, text_image_ids, image_ids)
-            result[f"AR_{lang}"] = metrics["AR"]
-            result[lang] = {**metrics, "images": int(image.shape[0]), "captions": int(text.shape[0])}
+            report = recall_report(evaluator, split, lang, encode,
+                                   lambda b: model.encode_text(b["text"], b["eot"], b["language"]))
+            result[f"AR_{lang}"] = report["AR"]
+            result[lang] = report
         result["mAR"] = sum(result[f"AR_{lang}"] for lang in self.languages) / len(self.languages)
         return result
 
@@ -299,3 +297,66 @@ class DASDMethod(Method):
         if state:
             self.discriminator.load_state_dict(state["discriminator"])
             self.disc_optimizer.load_state_dict(state["optimizer"])
+
+
+def recall_report(evaluator, split: str, language: str, encode, text_forward) -> dict:
+    """recall_metrics of one language's captions against the split's images (features from ``evaluator``)."""
+    image, image_ids, text, text_image_ids = evaluator.features(split, language, encode, text_forward)
+    similarity = F.normalize(text, dim=-1) @ F.normalize(image, dim=-1).t()
+    return {**recall_metrics(similarity, text_image_ids, image_ids), "images": int(image.shape[0]),
+            "captions": int(text.shape[0])}
+
+
+class EnglishCLIP(nn.Module):
+    """DASD's optional first stage: all of CLIP fine-tuned with symmetric InfoNCE on (image, English caption)."""
+
+    def __init__(self, backbone: TrainableCLIP, logit_scale: float):
+        super().__init__()
+        self.backbone, self.logit_scale = backbone, logit_scale
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encode_image(pixels)
+
+    def encode_text(self, ids: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encode_text(ids, eot)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        loss = symmetric_info_nce(self.encode_image(batch["image"]).float(),
+                                  self.encode_text(batch["text"], batch["eot"]).float(), self.logit_scale)
+        return {"loss": loss}
+
+
+class EnglishFinetuneMethod(Method):
+    selection_metric = "AR_en"
+    report_metrics = ("AR_en",)
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.english = CaptionEncoder(load_tokenizer(cfg.model.tokenizer or cfg.model.clip), cfg.model.text_length)
+
+    def build(self) -> EnglishCLIP:
+        torch.manual_seed(self.cfg.train.seed)
+        backbone = TrainableCLIP(load_clip(self.cfg.model.clip), self.cfg.model.image_size)
+        return EnglishCLIP(backbone, self.cfg.dasd.logit_scale)
+
+    def train_texts(self) -> CaptionPairs:
+        return CaptionPairs(self.english, LANGUAGE)
+
+    def evaluate(self, evaluator, split: str) -> dict:
+        model = evaluator.model
+
+        def encode(captions: list[str]) -> dict:
+            encoded = self.english.encode(captions)
+            return {"text": encoded.ids, "eot": encoded.eot}
+
+        report = recall_report(evaluator, split, LANGUAGE, encode, lambda b: model.encode_text(b["text"], b["eot"]))
+        return {"AR_en": report["AR"], "en": report}
+
+    def on_finish(self, model: EnglishCLIP, run_dir, rank: int) -> None:
+        """Save the fine-tuned CLIP (and its tokenizer) where the next stages load it from."""
+        if rank == 0:
+            out = run_dir / "clip"
+            model.backbone.clip.save_pretrained(out)
+            self.english.tokenizer.save_pretrained(out)
+        if dist.is_initialized():
+            dist.barrier()
