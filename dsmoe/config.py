@@ -411,9 +411,17 @@ def compose_ds_config(ds: dict, cfg: RunConfig, world_size: int, cuda_available:
     if "scheduler" in ds:
         raise ConfigError("the DeepSpeed JSON has a 'scheduler' section: dsmoe schedules the learning rate from "
                           "the YAML (optim.warmup_epochs, cosine); remove it")
+    if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") and not cuda_available:
+        raise ConfigError("fp16 (with loss scaling) needs GPUs: DeepSpeed's CPU accelerator does not support it; "
+                          "use a bf16 or fp32 config on CPU")
     zero = ds.get("zero_optimization", {})
     if zero.get("stage", 0) == 3:
         raise ConfigError("ZeRO stage 3 does not support DeepSpeed MoE layers: use stage 1 or 2")
+    ep = cfg.adapter.ep_size if cfg.adapter.router != "dense" else 1
+    if zero.get("stage", 0) == 0 and ep > 1 and ds["gradient_clipping"]:
+        raise ConfigError("gradient clipping under ZeRO stage 0 with expert parallelism (ep_size > 1): DeepSpeed "
+                          "computes that global norm wrongly (it averages per-rank norms in fp32 and leaves expert "
+                          "gradients out in bf16/fp16); use ZeRO stage 1 or 2, or set optim.grad_clip 0")
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
         raise ConfigError(f"DeepSpeed JSON values left as \"auto\" that dsmoe cannot fill: {leftover}")

@@ -20,6 +20,7 @@ from deepspeed.utils import groups
 from dsmoe.config import RunConfig, compose_ds_config, to_dict
 from dsmoe.data.pipeline import TrainStreamConfig, batches_per_epoch, eval_loader, train_loader
 from dsmoe.methods.base import Method, get_method
+from dsmoe.portable import is_portable, load_portable
 from dsmoe.preemption import REQUEUE, PreemptionWatch
 from dsmoe.run_log import RunLogger
 
@@ -184,7 +185,8 @@ def _cat(parts: list[torch.Tensor], width: int | None = None) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, ds_config: dict, rank: int, world_size: int, local_rank: int):
+    def __init__(self, cfg: RunConfig, ds_config: dict, rank: int, world_size: int, local_rank: int,
+                 portable_init: str | None = None):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = device_for(local_rank)
         self.run_dir = Path(cfg.train.output_dir)
@@ -199,12 +201,15 @@ class Trainer:
             else round(cfg.optim.warmup_epochs * self.steps_per_epoch)
 
         model = self.method.build()
+        if portable_init:  # exported adapters: each rank takes its experts, whatever the exporting run's layout
+            load_portable(model, portable_init)
         self.trainable_count = sum(p.numel() for p in trainable_parameters(model).values())
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg), config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s: lr_factor(s, warmup, total_steps, cfg.optim.warmup_start_factor)))
-        check_expert_placement(cfg.adapter.ep_size if cfg.adapter.router != "dense" else 1)
+        self.ep_size = cfg.adapter.ep_size if cfg.adapter.router != "dense" else 1
+        check_expert_placement(self.ep_size)
         self.model = self.engine.module
         self.dtype = engine_dtype(self.engine)
         self.evaluator = Evaluator(cfg, self.engine, self.device)
@@ -235,7 +240,15 @@ class Trainer:
             root = self.ckpt_root
         else:
             root, tag = resolve_checkpoint(spec)
-        _, client = self.engine.load_checkpoint(str(root), tag, load_module_strict=False)
+        marker = json.loads((root / tag / "COMPLETE").read_text()) if (root / tag / "COMPLETE").is_file() else {}
+        layout = {"world_size": self.world_size, "ep_size": self.ep_size}
+        saved = {k: marker.get(k, layout[k]) for k in layout}
+        same = saved == layout
+        if not same:
+            self.log.info(f"WARNING: {root / tag} was saved with {saved}, this run has {layout}: loading the weights "
+                          f"(experts resharded) and progress; the optimiser state restarts and the data order changes")
+        _, client = self.engine.load_checkpoint(str(root), tag, load_module_strict=False,
+                                                load_optimizer_states=same)
         if client is None or "progress" not in client:
             raise RuntimeError(f"checkpoint {root / tag} could not be loaded or has no training progress")
         self.progress = Progress(**client["progress"])
@@ -246,6 +259,8 @@ class Trainer:
 
     def init_from(self, path: str) -> None:
         """Start from another run's trainable weights (e.g. DASD's CMA from its CLA run); optimiser state fresh."""
+        if is_portable(path):
+            raise AssertionError("portable files are loaded before deepspeed.initialize (Trainer portable_init)")
         root, tag = resolve_checkpoint(path)
         self.engine.load_checkpoint(str(root), tag, load_module_strict=False, load_optimizer_states=False,
                                     load_lr_scheduler_states=False, load_module_only=True)
@@ -261,7 +276,8 @@ class Trainer:
                                     exclude_frozen_parameters=True)
         dist.barrier()
         if self.rank == 0:
-            marker = {"time": time.time(), "progress": self.progress.__dict__, "global_step": self.engine.global_steps}
+            marker = {"time": time.time(), "progress": self.progress.__dict__, "global_step": self.engine.global_steps,
+                      "world_size": self.world_size, "ep_size": self.ep_size}
             (self.ckpt_root / tag / "COMPLETE").write_text(json.dumps(marker))
             _write_atomic(self.ckpt_root / "latest", tag)
             self._prune()
@@ -396,19 +412,36 @@ def format_results(results: dict, keys: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path, split: str, local_rank: int) -> dict[str, float]:
-    """Load a saved run's adapters into a fresh model (any world size / ep_size) and score ``split``."""
+def load_for_inference(cfg: RunConfig, checkpoint: str | Path, ep_size: int | None = None):
+    """A model built from ``cfg`` holding the weights of a DeepSpeed checkpoint (run, checkpoints or tag directory)
+    or of a portable ``.safetensors`` file, wrapped in a DeepSpeed engine without optimiser.
+
+    Any world size works: when it does not fit the saved ep_size (or ``ep_size`` asks), experts are resharded.
+    """
     world_size = dist.get_world_size()
-    if cfg.adapter.router != "dense" and world_size % cfg.adapter.ep_size:
-        cfg.adapter.ep_size = 1  # DeepSpeed reshards the expert files on load
-    root, tag = resolve_checkpoint(checkpoint)
+    if ep_size is not None:
+        cfg.adapter.ep_size = ep_size
+    elif cfg.adapter.router != "dense" and world_size % cfg.adapter.ep_size:
+        cfg.adapter.ep_size = 1
     method = get_method(cfg)
     model = method.build()
+    if is_portable(checkpoint):
+        load_portable(model, checkpoint)
+        source = str(checkpoint)
     precision = "bf16" if torch.cuda.is_available() and cfg.train.precision != "fp32" else "fp32"
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                  "bf16": {"enabled": precision == "bf16"}, "zero_optimization": {"stage": 0}}
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-    engine.load_checkpoint(str(root), tag, load_module_strict=False, load_optimizer_states=False,
-                           load_lr_scheduler_states=False, load_module_only=True)
+    if not is_portable(checkpoint):
+        root, tag = resolve_checkpoint(checkpoint)
+        engine.load_checkpoint(str(root), tag, load_module_strict=False, load_optimizer_states=False,
+                               load_lr_scheduler_states=False, load_module_only=True)
+        source = str(root / tag)
+    return method, engine, source
+
+
+def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path, split: str, local_rank: int) -> dict[str, float]:
+    """Score ``split`` with a saved run's adapters (any world size / ep_size)."""
+    method, engine, source = load_for_inference(cfg, checkpoint)
     metrics = method.evaluate(Evaluator(cfg, engine, device_for(local_rank)), split)
-    return {"checkpoint": str(root / tag), "split": split, **metrics}
+    return {"checkpoint": source, "split": split, **metrics}

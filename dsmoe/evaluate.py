@@ -20,13 +20,17 @@ from dsmoe.config import ConfigError, load_config  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     add_common_arguments(parser)
-    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints directory or tag directory")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory, checkpoints directory, tag directory or exported .safetensors file")
     parser.add_argument("--split", default=None, help="split to score (default: data.test_split)")
     parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
     config = args.config
-    if config is None and (Path(args.checkpoint) / "config.yaml").is_file():
-        config = Path(args.checkpoint) / "config.yaml"
+    checkpoint = Path(args.checkpoint)
+    for candidate in (checkpoint / "config.yaml", checkpoint.with_suffix(".yaml") if checkpoint.suffix ==
+                      ".safetensors" else None):
+        if config is None and candidate is not None and candidate.is_file():
+            config = candidate
     try:
         cfg = load_config(config, args.set)
     except ConfigError as exc:

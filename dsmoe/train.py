@@ -21,6 +21,7 @@ from dsmoe.config import (ConfigError, RunConfig, compose_ds_config, load_config
 from dsmoe.data.pipeline import read_split  # noqa: E402
 from dsmoe.distributed import launched_world_size  # noqa: E402
 from dsmoe.engine import complete_tag  # noqa: E402
+from dsmoe.portable import is_portable  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", default="auto",
                         help="'auto' (default): continue the newest complete checkpoint of train.output_dir if "
                              "there is one; 'none': start fresh; or a run/checkpoint directory")
+    parser.add_argument("--init-from", "--init_from", dest="init_from", default=None,
+                        help="start from these trainable weights (a file written by python -m dsmoe.export, or a "
+                             "run / checkpoint directory) at any ep_size and world size; optimiser state fresh")
     return parser.parse_args(argv)
 
 
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size, local_rank = distributed.init_distributed()
     assert world_size == launched_world_size(), "the process group disagrees with the launcher's WORLD_SIZE"
     try:
-        run(cfg, ds_config, args.resume, rank, world_size, local_rank)
+        run(cfg, ds_config, args.resume, rank, world_size, local_rank, args.init_from)
     except BaseException:
         distributed.shutdown(clean=False)
         raise
@@ -82,7 +86,8 @@ def finished_results(cfg: RunConfig) -> str | None:
     return format_results(json.loads(results.read_text()), get_method(cfg).report_metrics)
 
 
-def run(cfg: RunConfig, ds_config: dict, resume: str, rank: int, world_size: int, local_rank: int) -> None:
+def run(cfg: RunConfig, ds_config: dict, resume: str, rank: int, world_size: int, local_rank: int,
+        init_from: str | None = None) -> None:
     from dsmoe import distributed
     from dsmoe.engine import Trainer
 
@@ -92,16 +97,19 @@ def run(cfg: RunConfig, ds_config: dict, resume: str, rank: int, world_size: int
 
             prepare_demo(cfg)
         distributed.barrier()
-    for stage in stage_configs(cfg):
+    for index, stage in enumerate(stage_configs(cfg)):
+        start = init_from if index == 0 and init_from else stage.dasd.init_from if stage.method == "dasd" else None
         if resume == "auto" and (done := finished_results(stage)) is not None:
             if rank == 0:
                 print(f"[dsmoe] {stage.train.output_dir} finished all {stage.train.epochs} epochs:\n{done}")
             continue
-        trainer = Trainer(stage, ds_config, rank, world_size, local_rank)
+        resumable = resume != "none" and (resume != "auto" or complete_tag(
+            Path(stage.train.output_dir) / "checkpoints") is not None)
+        portable = start if start and is_portable(start) and not resumable else None
+        trainer = Trainer(stage, ds_config, rank, world_size, local_rank, portable_init=portable)
         trainer.write_run_files()
-        if not trainer.resume(None if resume == "none" else resume) and stage.method == "dasd" \
-                and stage.dasd.init_from:
-            trainer.init_from(stage.dasd.init_from)
+        if not trainer.resume(None if resume == "none" else resume) and start and not portable:
+            trainer.init_from(start)
         trainer.train()
 
 

@@ -101,3 +101,15 @@ def tiny_tokenizer(tiny_clip_dir: Path):
     from dsmoe.data.text import load_tokenizer
 
     return load_tokenizer(str(tiny_clip_dir))
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory) -> dict[str, str]:
+    """The DM-Adapter demo's synthetic shards and tiny CLIP, built once per session in a temporary directory."""
+    from dsmoe.config import load_config
+    from dsmoe.demo import prepare_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    cfg = load_config(None, [f"model.clip={root / 'tiny-clip'}", f"demo_dir={root}"])
+    prepare_demo(cfg)
+    return {"demo_dir": str(root), "model.clip": str(root / "tiny-clip"), "data.shards": str(root / "shards")}

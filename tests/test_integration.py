@@ -15,70 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from dsmoe.config import REPO_ROOT, load_config
+from dsmoe.config import REPO_ROOT
+
+from launch import LAUNCH_TIMEOUT, launch_env, latest_tag, logged_losses, run_ok, train_cmd
 
 pytestmark = pytest.mark.integration
-LAUNCH_TIMEOUT = 600
-
-
-@pytest.fixture(scope="module")
-def demo_assets(tmp_path_factory) -> dict[str, str]:
-    """The demo's synthetic shards and tiny CLIP, built once in a temporary directory."""
-    from dsmoe.demo import prepare_demo
-
-    root = tmp_path_factory.mktemp("demo")
-    cfg = load_config(None, [f"model.clip={root / 'tiny-clip'}", f"demo_dir={root}"])
-    prepare_demo(cfg)
-    return {"demo_dir": str(root), "model.clip": str(root / "tiny-clip"), "data.shards": str(root / "shards")}
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-def _train_cmd(assets: dict, run_dir: Path, port: int, *overrides: str, resume: str = "auto") -> list[str]:
-    sets = {**assets, "train.output_dir": str(run_dir), "train.log_every": "1", "train.epochs": "3",
-            "train.eval_zero_shot": "false", "data.workers": "1"}
-    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    for o in overrides:
-        args += ["--set", o]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-            str(REPO_ROOT / "dsmoe" / "train.py"), "--ds_config", str(REPO_ROOT / "ds_configs" / "zero2.json"),
-            "--resume", resume, *args]
-
-
-def _run(cmd: list[str]) -> str:
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-6000:]
-    return output
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
-
-
-def _latest(run_dir: Path) -> str:
-    return (run_dir / "checkpoints" / "latest").read_text().strip()
 
 
 def test_train_checkpoint_resume_evaluate(demo_assets, tmp_path):
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
 
-    out = _run(_train_cmd(demo_assets, resumed, 29611, "train.max_steps=4", "train.checkpoint_every=2"))
+    out = run_ok(train_cmd(demo_assets, resumed, 29611, "train.max_steps=4", "train.checkpoint_every=2"))
     assert "ep_size 2" in out and "world size 2" in out
     ckpt = resumed / "checkpoints"
-    assert _latest(resumed) == "step00000004"
+    assert latest_tag(resumed) == "step00000004"
     tag_dir = ckpt / "step00000004"
     assert (tag_dir / "COMPLETE").is_file()
     # experts are saved one file per (layer, expert): 4 MoE layers (2 image + 2 text blocks) x 6 experts
@@ -91,18 +41,18 @@ def test_train_checkpoint_resume_evaluate(demo_assets, tmp_path):
     assert routing and set(routing[-1]) == {"image.0", "image.1", "text.0", "text.1"}
     assert all(len(counts) == 6 for counts in routing[-1].values())
 
-    out = _run(_train_cmd(demo_assets, resumed, 29612, "train.max_steps=7"))
+    out = run_ok(train_cmd(demo_assets, resumed, 29612, "train.max_steps=7"))
     assert "resumed from" in out and "step 4" in out
-    assert _latest(resumed) == "step00000007"
+    assert latest_tag(resumed) == "step00000007"
 
-    _run(_train_cmd(demo_assets, straight, 29613, "train.max_steps=7"))
-    a, b = _losses(resumed), _losses(straight)
+    run_ok(train_cmd(demo_assets, straight, 29613, "train.max_steps=7"))
+    a, b = logged_losses(resumed), logged_losses(straight)
     assert set(range(1, 8)) <= set(a) and set(range(1, 8)) <= set(b)
     for step in range(1, 8):  # the resumed run continues on the same data, optimiser and schedule
         assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-4), (step, a[step], b[step])
 
     results = json.loads((resumed / "results.json").read_text())
-    env = _env()
+    env = launch_env()
     proc = subprocess.run([sys.executable, "-m", "dsmoe.evaluate", "--checkpoint", str(resumed)], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -116,8 +66,8 @@ def test_train_checkpoint_resume_evaluate(demo_assets, tmp_path):
 
 def test_killed_run_resumes_from_last_checkpoint(demo_assets, tmp_path):
     run_dir = tmp_path / "killed"
-    cmd = _train_cmd(demo_assets, run_dir, 29621, "train.checkpoint_every=3", "train.max_steps=30")
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    cmd = train_cmd(demo_assets, run_dir, 29621, "train.checkpoint_every=3", "train.max_steps=30")
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + LAUNCH_TIMEOUT
     try:
@@ -128,20 +78,20 @@ def test_killed_run_resumes_from_last_checkpoint(demo_assets, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    saved = _latest(run_dir)
+    saved = latest_tag(run_dir)
     saved_step = int(saved.removeprefix("step"))
     assert saved_step >= 3
 
-    out = _run(_train_cmd(demo_assets, run_dir, 29622, "train.checkpoint_every=3", f"train.max_steps={saved_step + 2}"))
+    out = run_ok(train_cmd(demo_assets, run_dir, 29622, "train.checkpoint_every=3", f"train.max_steps={saved_step + 2}"))
     assert f"resumed from {run_dir / 'checkpoints' / saved}" in out
-    assert _latest(run_dir) == f"step{saved_step + 2:08d}"
+    assert latest_tag(run_dir) == f"step{saved_step + 2:08d}"
 
 
 def test_config_errors_fail_before_launching_ranks(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  imge_size: [64, 32]\n")
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "dsmoe" / "train.py"), "--config", str(bad)],
-                          cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+                          cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "model.imge_size" in proc.stderr and "model.image_size" in proc.stderr
     assert "Traceback" not in proc.stderr

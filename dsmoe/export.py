@@ -1,0 +1,62 @@
+"""Export a run's trained adapters: ``python -m dsmoe.export --checkpoint runs/x --output adapters.safetensors``.
+
+Writes every trainable tensor (all experts gathered, routers, prompts) to one safetensors file and the resolved
+config next to it (``adapters.yaml``). ``train.py --init-from adapters.safetensors`` starts training from it at any
+ep_size and world size; ``python -m dsmoe.evaluate --checkpoint adapters.safetensors`` scores it in one process.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dsmoe.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints directory or tag directory")
+    parser.add_argument("--output", required=True, help="the .safetensors file to write (config: same name, .yaml)")
+    parser.add_argument("--config", default=None, help="model YAML (default: the run directory's config.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    if not args.output.endswith(".safetensors"):
+        print("error: --output must end in .safetensors", file=sys.stderr)
+        return 2
+    config = args.config or next((str(p) for p in (Path(args.checkpoint) / "config.yaml",
+                                                   Path(args.checkpoint).parent / "config.yaml",
+                                                   Path(args.checkpoint).parent.parent / "config.yaml")
+                                  if p.is_file()), None)
+    try:
+        cfg = load_config(config, args.set)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from dsmoe import distributed
+    from dsmoe.engine import load_for_inference
+    from dsmoe.portable import save_portable
+
+    distributed.init_distributed()
+    try:
+        if distributed.launched_world_size() != 1:
+            raise ConfigError("run the export in a single process (python -m dsmoe.export)")
+        _, engine, source = load_for_inference(cfg, args.checkpoint, ep_size=1)
+        path = save_portable(engine.module, cfg, args.output, source)
+    except (ConfigError, FileNotFoundError) as exc:
+        distributed.shutdown()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BaseException:
+        distributed.shutdown(clean=False)
+        raise
+    distributed.shutdown()
+    print(f"wrote {path} and {path.with_suffix('.yaml')} from {source}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Starting real training processes from tests: the deepspeed launcher with 2 CPU ranks, and their outputs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dsmoe.config import REPO_ROOT
+
+LAUNCH_TIMEOUT = 600
+
+
+def launch_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def train_cmd(assets: dict, run_dir: Path, port: int, *overrides: str, resume: str = "auto",
+               ds_config: str = "zero2.json", nproc: int = 2, extra: tuple[str, ...] = ()) -> list[str]:
+    sets = {**assets, "train.output_dir": str(run_dir), "train.log_every": "1", "train.epochs": "3",
+            "train.eval_zero_shot": "false", "data.workers": "1"}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    for o in overrides:
+        args += ["--set", o]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port),
+            str(REPO_ROOT / "dsmoe" / "train.py"), "--ds_config", str(REPO_ROOT / "ds_configs" / ds_config),
+            "--resume", resume, *args, *extra]
+
+
+def run_ok(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    return output
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def latest_tag(run_dir: Path) -> str:
+    return (run_dir / "checkpoints" / "latest").read_text().strip()

@@ -1,0 +1,137 @@
+"""Every shipped DeepSpeed config with expert parallelism; the gradient norm under ZeRO-1/2 against one process;
+configurations DeepSpeed gets wrong refused early; portable export; resuming at another world size / ep_size."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsmoe.config import REPO_ROOT, ConfigError, compose_ds_config, load_config, load_ds_config
+from launch import LAUNCH_TIMEOUT, launch_env, latest_tag, logged_losses, run_ok, train_cmd
+
+pytestmark = pytest.mark.integration
+CONFIGS = sorted(p.name for p in (REPO_ROOT / "ds_configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("ds_config", CONFIGS)
+def test_every_ds_config_trains_with_experts_over_two_ranks(ds_config, demo_assets, tmp_path):
+    port = 29650 + CONFIGS.index(ds_config)
+    if load_ds_config(REPO_ROOT / "ds_configs" / ds_config).get("fp16", {}).get("enabled") and \
+            not torch.cuda.is_available():
+        # DeepSpeed's CPU accelerator has no fp16: the run must stop at once and say so
+        proc = subprocess.run(train_cmd(demo_assets, tmp_path / "run", port, ds_config=ds_config), cwd=REPO_ROOT,
+                              env=launch_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+        assert proc.returncode != 0 and "fp16 (with loss scaling) needs GPUs" in proc.stderr
+        assert not (tmp_path / "run" / "checkpoints").exists()
+        return
+    out = run_ok(train_cmd(demo_assets, tmp_path / "run", port, "train.max_steps=2", ds_config=ds_config))
+    assert "world size 2, ep_size 2" in out
+    losses = logged_losses(tmp_path / "run")
+    assert sorted(losses) == [1, 2] and all(0 < v < 1e4 for v in losses.values())
+    assert latest_tag(tmp_path / "run") == "step00000002"
+    composed = json.loads((tmp_path / "run" / "ds_config.json").read_text())
+    assert "auto" not in json.dumps(composed)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["test"]["captions"] == 144
+
+
+def _reference_norm(clip_dir: str) -> float:
+    """The same step in one process: every expert local, loss = mean of the two ranks' losses."""
+    sys.path.insert(0, str(REPO_ROOT / "tests" / "scripts"))
+    from grad_norm_probe import probe_batch, probe_config
+
+    from dsmoe.methods.base import get_method
+    from dsmoe.moe.adapter import AdapterBranch
+
+    method = get_method(probe_config(clip_dir, ep_size=1))
+    model = method.build()
+    for module in model.modules():
+        if isinstance(module, AdapterBranch) and module.moe is not None:
+            module.moe.set_deepspeed_parallelism()
+    loss = (model(probe_batch(method, 0))["loss"] + model(probe_batch(method, 1))["loss"]) / 2
+    loss.backward()
+    grads = [p.grad.flatten() for p in model.parameters() if p.requires_grad and p.grad is not None]
+    return float(torch.cat(grads).norm())
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_global_grad_norm_with_expert_parallelism_matches_one_process(stage, demo_assets, tmp_path, dist_env):
+    out = tmp_path / "norm.json"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(29680 + stage),
+           str(REPO_ROOT / "tests" / "scripts" / "grad_norm_probe.py"), "--clip", demo_assets["model.clip"],
+           "--ds_config", str(REPO_ROOT / "ds_configs" / f"zero{stage}_fp32.json"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    reported = json.loads(out.read_text())["norm"]
+    reference = _reference_norm(demo_assets["model.clip"])
+    assert reported == pytest.approx(reference, rel=1e-4), (reported, reference)
+
+
+def _cfg(*overrides: str):
+    return load_config(None, ["demo=false", "data.shards=/unused", *overrides])
+
+
+def test_configurations_deepspeed_gets_wrong_fail_early(tmp_path):
+    zero3 = {**load_ds_config(REPO_ROOT / "ds_configs" / "zero2.json"), "zero_optimization": {"stage": 3}}
+    with pytest.raises(ConfigError, match="stage 3 does not support DeepSpeed MoE.*stage 1 or 2"):
+        compose_ds_config(zero3, _cfg(), 2, False)
+    zero0 = load_ds_config(REPO_ROOT / "ds_configs" / "zero0_fp32.json")
+    with pytest.raises(ConfigError, match="ZeRO stage 0 with expert parallelism.*stage 1 or 2"):
+        compose_ds_config(zero0, _cfg("optim.grad_clip=1.0"), 2, False)
+    compose_ds_config(zero0, _cfg("optim.grad_clip=1.0", "adapter.ep_size=1"), 2, False)  # no EP: fine
+    with pytest.raises(ConfigError, match="ep_size=4 must divide adapter.num_experts=6"):
+        _cfg("adapter.ep_size=4")
+    with pytest.raises(ConfigError, match="does not divide the world size 3"):
+        _cfg("train.batch_size=30").check_world(3)
+    # and through the real entry point, before any process group starts
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "dsmoe" / "train.py"), "--set", "optim.grad_clip=1.0",
+                           "--ds_config", str(REPO_ROOT / "ds_configs" / "zero0_fp32.json")], cwd=REPO_ROOT,
+                          env={**launch_env(), "WORLD_SIZE": "2", "RANK": "0"}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "ZeRO stage 0 with expert parallelism" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_export_round_trip_and_resume_across_world_sizes(demo_assets, tmp_path):
+    run = tmp_path / "run"
+    run_ok(train_cmd(demo_assets, run, 29691, "train.max_steps=3"))  # 2 ranks, ep 2
+    results = json.loads((run / "results.json").read_text())
+
+    # one file with every expert, evaluated in one process without a launcher: the 2-rank scores
+    weights = tmp_path / "export" / "adapters.safetensors"
+    env = launch_env()
+    proc = subprocess.run([sys.executable, "-m", "dsmoe.export", "--checkpoint", str(run), "--output", str(weights)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        names = list(f.keys())
+    assert sum(".deepspeed_experts.5.down.weight" in n for n in names) == 4  # experts 3-5 lived on rank 1
+    proc = subprocess.run([sys.executable, "-m", "dsmoe.evaluate", "--checkpoint", str(weights)], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    scores = json.loads(proc.stdout[proc.stdout.index("{"):])
+    for key in ("R1", "R5", "R10", "mAP", "mINP"):
+        assert scores[key] == pytest.approx(results["test"][key], abs=1e-3)
+
+    # training starts from the file at another layout: 1 rank, ep 1, the exported weights at step 0
+    init = tmp_path / "init"
+    run_ok(train_cmd(demo_assets, init, 29692, "train.max_steps=1", "adapter.ep_size=1", nproc=1,
+                     extra=("--init-from", str(weights))))
+    assert (init / "results.json").is_file()
+
+    # resume the 2-rank / ep 2 checkpoint in 1 rank / ep 1 (weights resharded, optimiser restarted) and back
+    out = run_ok(train_cmd(demo_assets, run, 29693, "train.max_steps=5", "adapter.ep_size=1", nproc=1))
+    assert "was saved with {'world_size': 2, 'ep_size': 2}" in out and "optimiser state restarts" in out
+    assert "resumed from" in out and latest_tag(run) == "step00000005"
+    out = run_ok(train_cmd(demo_assets, run, 29694, "train.max_steps=7"))
+    assert "was saved with {'world_size': 1, 'ep_size': 1}" in out
+    assert latest_tag(run) == "step00000007"
+    losses = logged_losses(run)
+    assert set(range(1, 8)) <= set(losses)
