@@ -154,19 +154,20 @@ DEMO_LANGUAGES = {"xx": rewrite_xx, "yy": rewrite_yy}
 MULTI30K_SPLITS = {"train": 300, "val": 60, "test_2016_flickr": 60}
 
 
-def make_synthetic_multi30k(root: Path, seed: int = 0) -> Path:
+def make_synthetic_multi30k(root: Path, seed: int = 0, splits: dict[str, int] = MULTI30K_SPLITS) -> Path:
     """Multi30K task-1 layout: ``images/`` (Flickr30K-style names), ``data/task1/image_splits/{split}.txt`` and
     ``data/task1/raw/{split}.{lang}`` (one caption per image and line, aligned across languages)."""
     stamp = root / ".synthetic_done"
-    if stamp.is_file():
+    wanted = json.dumps({"seed": seed, "splits": splits})
+    if stamp.is_file() and stamp.read_text() == wanted:
         return root
     rng, noise = random.Random(seed), np.random.default_rng(seed)
-    people = make_identities(sum(MULTI30K_SPLITS.values()), seed=2000 + seed)
+    people = make_identities(sum(splits.values()), seed=2000 + seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "data" / "task1" / "image_splits").mkdir(parents=True, exist_ok=True)
     (root / "data" / "task1" / "raw").mkdir(parents=True, exist_ok=True)
     offset = 0
-    for split, count in MULTI30K_SPLITS.items():
+    for split, count in splits.items():
         names, english = [], []
         for person in people[offset:offset + count]:
             name = f"{1000000000 + person.pid * 7919}.jpg"
@@ -179,7 +180,7 @@ def make_synthetic_multi30k(root: Path, seed: int = 0) -> Path:
         for lang, rewrite in DEMO_LANGUAGES.items():
             lines = [rewrite(c) for c in english]
             (root / "data" / "task1" / "raw" / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
-    stamp.write_text(json.dumps({"seed": seed, "splits": MULTI30K_SPLITS}))
+    stamp.write_text(wanted)
     return root
 
 

@@ -214,6 +214,7 @@ class Trainer:
         self.dtype = engine_dtype(self.engine)
         self.evaluator = Evaluator(cfg, self.engine, self.device)
         self.progress = Progress()
+        self.started_from = portable_init
         self.log = RunLogger(self.run_dir, rank, cfg, enabled_wandb=cfg.wandb.enabled)
         self.preemption = PreemptionWatch()
 
@@ -264,6 +265,7 @@ class Trainer:
         root, tag = resolve_checkpoint(path)
         self.engine.load_checkpoint(str(root), tag, load_module_strict=False, load_optimizer_states=False,
                                     load_lr_scheduler_states=False, load_module_only=True)
+        self.started_from = str(root / tag)
         self.log.info(f"initialised the trainable weights from {root / tag}")
 
     # -- checkpoints --------------------------------------------------------------------------------------------
@@ -390,6 +392,7 @@ class Trainer:
                                             load_optimizer_states=False, load_lr_scheduler_states=False)
         test = self.evaluate(cfg.data.test_split)
         results = {"model_selection": selection, "zero_shot": prog.zero_shot, "test": test,
+                   "start_label": "untrained" if not self.started_from else "at start",
                    "validation": prog.history, "trainable_parameters": self.trainable_count,
                    "world_size": self.world_size, "ep_size": cfg.adapter.ep_size}
         self.log.metrics({"event": "test", **test})
@@ -402,7 +405,7 @@ class Trainer:
 
 
 def format_results(results: dict, keys: tuple[str, ...]) -> str:
-    rows = [("untrained", results.get("zero_shot")), ("trained", results["test"])]
+    rows = [(results.get("start_label", "untrained"), results.get("zero_shot")), ("trained", results["test"])]
     width = max(8, *(len(k) + 2 for k in keys))
     lines = [f"{'test split':<12}" + "".join(f"{k:>{width}}" for k in keys)]
     for name, metrics in rows:

@@ -66,7 +66,7 @@ class RunLogger:
         event = record.get("event")
         if event:
             shown = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in record.items()
-                     if k not in ("time", "routing")}
+                     if k not in ("time", "routing") and not isinstance(v, (dict, list))}
             logger.info(json.dumps(shown))
 
     def close(self) -> None:

@@ -97,7 +97,8 @@ def run(cfg: RunConfig, ds_config: dict, resume: str, rank: int, world_size: int
 
             prepare_demo(cfg)
         distributed.barrier()
-    for index, stage in enumerate(stage_configs(cfg)):
+    stages = stage_configs(cfg)
+    for index, stage in enumerate(stages):
         start = init_from if index == 0 and init_from else stage.dasd.init_from if stage.method == "dasd" else None
         if resume == "auto" and (done := finished_results(stage)) is not None:
             if rank == 0:
@@ -110,7 +111,24 @@ def run(cfg: RunConfig, ds_config: dict, resume: str, rank: int, world_size: int
         trainer.write_run_files()
         if not trainer.resume(None if resume == "none" else resume) and start and not portable:
             trainer.init_from(start)
-        trainer.train()
+        if trainer.train().get("preempted"):
+            return
+    if len(stages) > 1 and rank == 0:
+        print(stage_summary(stages))
+
+
+def stage_summary(stages: list[RunConfig]) -> str:
+    """One table over the stages: the untrained model, then the test scores after each stage."""
+    from dsmoe.methods.base import get_method
+
+    results = [json.loads((Path(s.train.output_dir) / "results.json").read_text()) for s in stages]
+    keys = get_method(stages[-1]).report_metrics
+    rows = [("untrained", results[0].get("zero_shot"))] + [(f"after {s.dasd.stage}", r["test"])
+                                                          for s, r in zip(stages, results)]
+    lines = [f"{'test split':<14}" + "".join(f"{k:>9}" for k in keys)]
+    lines += [f"{name:<14}" + "".join(f"{m[k]:9.2f}" if m and k in m else f"{'-':>9}" for k in keys)
+              for name, m in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

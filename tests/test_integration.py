@@ -95,3 +95,53 @@ def test_config_errors_fail_before_launching_ranks(tmp_path):
     assert proc.returncode == 2
     assert "model.imge_size" in proc.stderr and "model.image_size" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def dasd_assets(demo_assets, tmp_path_factory) -> dict[str, str]:
+    """A small Multi30K-layout set (en + two made-up languages), its shards and a tiny "mBERT"; the English side
+    reuses the person demo's tiny CLIP (same caption generator, same vocabulary)."""
+    from dsmoe.demo import DEMO_LANGUAGES, build_tiny_mbert, make_synthetic_multi30k
+
+    root = tmp_path_factory.mktemp("dasd")
+    raw = make_synthetic_multi30k(root / "raw", splits={"train": 64, "val": 16, "test_2016_flickr": 24})
+    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "make_shards.py"), "--dataset", "multi30k", "--root",
+                    str(raw), "--out", str(root / "shards"), "--task", "1", "--languages", "en,xx,yy",
+                    "--samples-per-shard", "16", "--resize", "64x32"], check=True, capture_output=True)
+    task = raw / "data" / "task1" / "raw"
+    build_tiny_mbert(root / "mbert", [line for lang in DEMO_LANGUAGES
+                                      for line in (task / f"train.{lang}").read_text().splitlines()])
+    return {"demo_dir": str(root), "model.clip": demo_assets["model.clip"], "data.shards": str(root / "shards"),
+            "dasd.tokenizer": str(root / "mbert"), "dasd.embeddings": str(root / "mbert")}
+
+
+def test_dasd_language_experts_sharded_over_two_ranks(dasd_assets, tmp_path):
+    run = tmp_path / "dasd"
+    cmd = train_cmd(dasd_assets, run, 29631, "dasd.cla={epochs: 2, lr: 0.002}", "dasd.cma={epochs: 1, lr: 0.0001}",
+                    "train.batch_size=16", "train.eval_zero_shot=true", "demo=false",
+                    extra=("--config", str(REPO_ROOT / "dsmoe" / "configs" / "dasd" / "demo.yaml")))
+    out = run_ok(cmd)
+    assert "world size 2, ep_size 2" in out
+    assert "initialised the trainable weights from" in out  # CMA starts from CLA
+    for stage in ("cla", "cma"):
+        results = json.loads((run / stage / "results.json").read_text())
+        assert set(results["test"]) >= {"mAR", "AR_xx", "AR_yy"}
+        assert results["test"]["xx"]["captions"] == results["test"]["yy"]["captions"] == 24
+        tag = latest_tag(run / stage)
+        # one dynamic-adapter expert per language in each of the 2 text blocks, saved by the rank holding it
+        experts = sorted(p.name for p in (run / stage / "checkpoints" / tag).glob("layer_*_expert_*_model_states.pt"))
+        assert len(experts) == 2 * 2
+        assert (run / stage / "checkpoints" / tag / "COMPLETE").is_file()
+    cla = json.loads((run / "cla" / "results.json").read_text())
+    assert cla["test"]["mAR"] > cla["zero_shot"]["mAR"]  # two epochs of CLA already beat the untrained path
+    routing = [json.loads(line)["routing"] for line in (run / "cla" / "metrics.jsonl").read_text().splitlines()
+               if '"routing"' in line]
+    # rank 0's 8 captions per step, all tokens of each caption to its language's expert
+    assert all(sum(counts) == 8 * 32 for record in routing for counts in record.values())
+
+    proc = subprocess.run([sys.executable, "-m", "dsmoe.evaluate", "--checkpoint", str(run / "cma")], cwd=REPO_ROOT,
+                          env=launch_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    single = json.loads(proc.stdout[proc.stdout.index("{"):])
+    best = json.loads((run / "cma" / "results.json").read_text())["test"]
+    assert single["mAR"] == pytest.approx(best["mAR"], abs=1e-3)
