@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 
+import torch
 import torch.distributed as dist
 
 
@@ -20,7 +21,10 @@ def map_slurm_env(env: dict[str, str] = os.environ) -> None:
         return
     env["RANK"] = env["SLURM_PROCID"]
     env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
-    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    local = int(env.get("SLURM_LOCALID", "0"))
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    # with --gpus-per-task each task sees only its own GPU(s): the local rank indexes what the task can see
+    env["LOCAL_RANK"] = str(local % len(visible) if visible and local >= len(visible) else local)
     if "MASTER_ADDR" not in env:
         nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         first = None
@@ -51,6 +55,12 @@ def init_distributed() -> tuple[int, int, int]:
                           MASTER_PORT=str(_free_port()))
     deepspeed.init_distributed()
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def flag_tensor(value: int) -> torch.Tensor:
+    """A one-element tensor for a collective: on the GPU under NCCL (which reduces only CUDA tensors)."""
+    on_gpu = dist.is_initialized() and dist.get_backend() == "nccl"
+    return torch.tensor([value], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
 
 
 def barrier() -> None:

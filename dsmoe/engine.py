@@ -18,6 +18,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups
 
 from dsmoe.config import RunConfig, compose_ds_config, to_dict
+from dsmoe.distributed import flag_tensor
 from dsmoe.data.pipeline import TrainStreamConfig, batches_per_epoch, eval_loader, train_loader
 from dsmoe.methods.base import Method, get_method
 from dsmoe.portable import is_portable, load_portable
@@ -131,7 +132,7 @@ class Evaluator:
         iterator = iter(batches)
         while True:
             batch = next(iterator, None)
-            flag = torch.tensor([0 if batch is None else 1])
+            flag = flag_tensor(0 if batch is None else 1)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if flag.item() == 0:
                 return
@@ -353,11 +354,14 @@ class Trainer:
         tag = f"step{self.engine.global_steps:08d}"
         if complete_tag(self.ckpt_root) != tag:
             self.save(tag)
-        outcome = "stopped on SIGTERM"
+        step = self.engine.global_steps
         if request == REQUEUE and self.rank == 0:
-            outcome = self.preemption.requeue()
-        self.log.info(f"preempted at step {self.engine.global_steps}: saved {tag}; {outcome}")
-        self.log.metrics({"event": "preempted", "step": self.engine.global_steps, "outcome": outcome})
+            # log first: the requeue starts ending this job at once
+            outcome = f"requeue requested for Slurm job {os.environ.get('SLURM_JOB_ID', '(not under Slurm)')}"
+            self.log.metrics({"event": "preempted", "step": step, "outcome": outcome})
+            self.log.info(f"preempted at step {step}: saved {tag}; {self.preemption.requeue()}")
+        elif request != REQUEUE:
+            self.log.metrics({"event": "preempted", "step": step, "outcome": "stopped on SIGTERM"})
         self.log.close()
         return {"preempted": True, "checkpoint": tag}
 

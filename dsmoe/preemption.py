@@ -12,8 +12,9 @@ import os
 import signal
 import subprocess
 
-import torch
 import torch.distributed as dist
+
+from dsmoe.distributed import flag_tensor
 
 REQUEUE, STOP = 2, 1
 
@@ -32,7 +33,7 @@ class PreemptionWatch:
 
     def agreed(self) -> int:
         """0, STOP or REQUEUE: the strongest request any rank received (a collective: call on every rank)."""
-        flag = torch.tensor([self.state])
+        flag = flag_tensor(self.state)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())

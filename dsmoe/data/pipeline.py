@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -240,9 +241,16 @@ def batches_per_epoch(shard_dir: str, split: str, global_batch: int, languages: 
     return captions // global_batch
 
 
+def ignore_job_signals(_worker: int) -> None:
+    """DataLoader workers leave Slurm's preemption signals to the training process."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def train_loader(cfg: TrainStreamConfig, texts, epoch: int, start_batch: int, workers: int) -> DataLoader:
     stream = TrainStream(cfg, texts, epoch, start_batch)
-    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False)
+    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
+                      worker_init_fn=ignore_job_signals)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,4 +284,5 @@ def _collate_eval(items: list[tuple]) -> dict:
 def eval_loader(shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int,
                 batch_size: int, workers: int, language: str = LANGUAGE) -> DataLoader:
     dataset = EvalImages(shard_dir, split, image_size, rank, world_size, language)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_eval)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_eval,
+                      worker_init_fn=ignore_job_signals)
