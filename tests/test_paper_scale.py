@@ -27,3 +27,26 @@ def test_vit_b16_dm_adapter_has_about_16m_trainable_parameters():
     assert len(model.image_adapters) == 12 and len(model.text_adapters) == 12
     assert model.backbone.grid == (24, 8) and model.backbone.image_positions.shape == (1 + 24 * 8, 768)
     print(f"ViT-B/16 DM-Adapter trainable parameters: {count:,}")
+
+
+MBERT_VOCAB = 119547  # bert-base-multilingual-cased
+
+
+def test_vit_b16_dasd_trainable_parameters(dist_env):
+    """Released DASD (one target language, one dynamic adapter per text block) on ViT-B/16; the table is mBERT's
+    size (random here: the real run loads bert-base-multilingual-cased's word embeddings)."""
+    import torch
+
+    from dsmoe.methods.dasd import DASD
+
+    cfg = load_config(REPO_ROOT / "dsmoe" / "configs" / "dasd" / "multi30k_finetune.yaml",
+                      ["dasd.languages=[de]", "adapter.num_experts=1"])
+    model = DASD(cfg, FrozenCLIP(vit_b16_clip(), cfg.model.image_size), torch.zeros(MBERT_VOCAB, 768))
+    trainable = trainable_parameters(model)
+    table = trainable["embedding.weight"].numel()
+    total = sum(p.numel() for p in trainable.values())
+    assert table == MBERT_VOCAB * 768
+    per_block = 512 * 32 + 32 + 512 * 32 * 32 + 32 * 32 + 32 * 512 + 512  # down, generator, up
+    assert sum(p.numel() for n, p in trainable.items() if n.startswith("adapters.")) == 12 * per_block
+    print(f"ViT-B/16 DASD trainable parameters: {total - table:,} without the embedding table, {total:,} with it")
+    assert 8_000_000 < total - table < 10_000_000
