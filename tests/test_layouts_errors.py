@@ -4,7 +4,6 @@ interrupted run leaves no partial shard under a final name; caption files are pa
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,19 +15,13 @@ from dsmoe.data.layouts.captions import parse_caption_file
 from dsmoe.data.layouts.multi30k import read_multi30k
 from dsmoe.data.raw_formats import RawFormatError, read_lines
 from dsmoe.data.shards import verify_shards, write_shards
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("make_shards_cli_errors", REPO / "tools" / "make_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+from launch import load_make_shards_cli
 
 
-CLI = _load_cli()
+
+
+
+CLI = load_make_shards_cli()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ datasets, and machine translations in the three formats in circulation; read bac
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import re
@@ -16,20 +15,14 @@ from PIL import Image
 
 from dsmoe.data import synthetic_crosslingual as synth
 from dsmoe.data.shards import verify_shards
+from launch import load_make_shards_cli
 
-REPO = Path(__file__).resolve().parents[1]
 IMAGE_SCHEMA = {"key", "image_id", "captions", "source", "split", "dataset"}
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("make_shards_cli_images", REPO / "tools" / "make_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
 
 
-CLI = _load_cli()
+CLI = load_make_shards_cli()
 
 
 def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:

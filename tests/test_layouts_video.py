@@ -3,7 +3,6 @@ Chinese captions, determinism across worker counts, and reading the video shards
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import tarfile
@@ -15,19 +14,13 @@ from PIL import Image
 from dsmoe.data import synthetic_crosslingual as synth
 from dsmoe.data.shards import verify_shards
 from dsmoe.data.video import VideoDecodeError, frame_indices, sample_frames
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("make_shards_cli_video", REPO / "tools" / "make_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+from launch import load_make_shards_cli
 
 
-CLI = _load_cli()
+
+
+
+CLI = load_make_shards_cli()
 
 
 def _manifest(out: Path, split: str) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -30,18 +29,13 @@ from dsmoe.data.shards import (
     write_shards,
 )
 from dsmoe.data.synthetic import make_synthetic_icfg, make_synthetic_pedes, make_synthetic_rstpreid
+from launch import load_make_shards_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"train": 6, "val": 2, "test": 2}
 SIZE = (48, 24)
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("make_shards_cli", REPO / "tools" / "make_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -364,7 +358,7 @@ def test_bad_options_are_user_errors(clean_root: Path, tmp_path: Path) -> None:
 
 
 def test_cli_end_to_end_with_verify(faulty_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    cli = _load_cli()
+    cli = load_make_shards_cli()
     out = tmp_path / "out"
     argv = ["--dataset", "cuhk-pedes", "--root", str(faulty_root), "--out", str(out), "--samples-per-shard", "8",
             "--resize", "32x16", "--verify"]
@@ -388,7 +382,7 @@ def test_cli_end_to_end_with_verify(faulty_root: Path, tmp_path: Path, capsys: p
 )
 def test_cli_user_errors_exit_2(clean_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                 extra: list[str], message: str) -> None:
-    cli = _load_cli()
+    cli = load_make_shards_cli()
     argv = ["--dataset", "cuhk-pedes", "--root", str(clean_root), "--out", str(tmp_path / "out")] + extra
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -397,7 +391,7 @@ def test_cli_user_errors_exit_2(clean_root: Path, tmp_path: Path, capsys: pytest
 
 def test_cli_verify_failure_exits_1(clean_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    cli = _load_cli()
+    cli = load_make_shards_cli()
     monkeypatch.setattr(cli, "verify_shards", lambda out: ["train-000000.tar: broken"])
     argv = ["--dataset", "cuhk-pedes", "--root", str(clean_root), "--out", str(tmp_path / "out"), "--verify"]
     assert cli.main(argv) == 1
