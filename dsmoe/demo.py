@@ -25,8 +25,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import BertConfig, BertModel, BertTokenizerFast, CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
 from dsmoe.config import REPO_ROOT, ModelConfig, RunConfig
-from dsmoe.data.synthetic import Identity, make_identities, make_synthetic_pedes, render_person
-from dsmoe.data.synthetic import _caption as caption_for  # noqa: PLC2701 (one caption naming every attribute)
+from dsmoe.data.synthetic import Identity, describe_person, make_identities, make_synthetic_pedes, render_person
 from dsmoe.data.transforms import eval_transform
 from dsmoe.losses import symmetric_info_nce
 
@@ -173,7 +172,7 @@ def make_synthetic_multi30k(root: Path, seed: int = 0, splits: dict[str, int] = 
             name = f"{1000000000 + person.pid * 7919}.jpg"
             render_person(person, rng, noise, (128, 64)).save(root / "images" / name, quality=90)
             names.append(name)
-            english.append(caption_for(person, rng))
+            english.append(describe_person(person, rng))
         offset += count
         (root / "data" / "task1" / "image_splits" / f"{split}.txt").write_text("\n".join(names) + "\n")
         (root / "data" / "task1" / "raw" / f"{split}.en").write_text("\n".join(english) + "\n")

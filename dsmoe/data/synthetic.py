@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 __all__ = [
     "COLOURS",
     "Identity",
+    "describe_person",
     "make_identities",
     "make_synthetic_icfg",
     "make_synthetic_pedes",
@@ -285,7 +286,7 @@ def _with_article(phrase: str, garment: str) -> str:
     return phrase if _plural(garment) else _article(phrase)
 
 
-def _caption(identity: Identity, rng: random.Random) -> str:
+def describe_person(identity: Identity, rng: random.Random) -> str:
     """One caption that names every attribute of ``identity``, with a random template and synonyms."""
     noun = rng.choice(_NOUNS[identity.gender])
     pronoun = _PRONOUNS[identity.gender]
@@ -332,11 +333,11 @@ def _distinct_captions(identity: Identity, count: int, rng: random.Random) -> li
     captions: list[str] = []
     seen: set[str] = set()
     for _ in range(count):
-        caption = _caption(identity, rng)
+        caption = describe_person(identity, rng)
         for _ in range(50):
             if caption not in seen:
                 break
-            caption = _caption(identity, rng)
+            caption = describe_person(identity, rng)
         seen.add(caption)
         captions.append(caption)
     return captions
