@@ -480,6 +480,23 @@ def _stamp(layout: str, **kwargs: Any) -> dict[str, Any]:
     return {"generator": "dsmoe.data.synthetic", "version": GENERATOR_VERSION, "layout": layout, **kwargs}
 
 
+def _write_layout(root: Path, layout: str, annotation: str, source_pattern: str, counts: dict[str, int],
+                  images_per_id: int, captions_per_image: int, image_size: tuple[int, int], seed: int,
+                  faults: bool) -> Path:
+    """Generate (or reuse, when the stamp matches) one person-retrieval layout under ``root``."""
+    size = (int(image_size[0]), int(image_size[1]))
+    stamp = _stamp(layout, num_ids=counts, images_per_id=images_per_id, captions_per_image=captions_per_image,
+                   image_size=list(size), seed=seed, faults=faults)
+
+    def build() -> list[dict[str, Any]]:
+        items = _generate(Path(root), layout=layout, num_ids=counts, images_per_id=images_per_id,
+                          captions_per_image=captions_per_image, image_size=size, seed=seed, faults=faults,
+                          source_pattern=source_pattern)
+        return _to_json(items, layout)
+
+    return _cached_or_build(Path(root), annotation, stamp, build)
+
+
 def make_synthetic_pedes(
     root: Path,
     *,
@@ -496,17 +513,8 @@ def make_synthetic_pedes(
     missing image, one with an empty caption and one duplicate. Returns ``root``.
     """
     counts = _split_counts(num_ids, {"train": 96, "val": 24, "test": 24}, SPLITS)
-    size = (int(image_size[0]), int(image_size[1]))
-    stamp = _stamp("cuhk-pedes", num_ids=counts, images_per_id=images_per_id,
-                   captions_per_image=captions_per_image, image_size=list(size), seed=seed, faults=faults)
-
-    def build() -> list[dict[str, Any]]:
-        items = _generate(Path(root), layout="cuhk-pedes", num_ids=counts, images_per_id=images_per_id,
-                          captions_per_image=captions_per_image, image_size=size, seed=seed, faults=faults,
-                          source_pattern="synth/{pid:04d}_{index:02d}.jpg")
-        return _to_json(items, "cuhk-pedes")
-
-    return _cached_or_build(Path(root), "reid_raw.json", stamp, build)
+    return _write_layout(root, "cuhk-pedes", "reid_raw.json", "synth/{pid:04d}_{index:02d}.jpg", counts,
+                         images_per_id, captions_per_image, image_size, seed, faults)
 
 
 def make_synthetic_icfg(
@@ -523,17 +531,8 @@ def make_synthetic_icfg(
     ``num_ids`` defaults to ``{"train": 96, "test": 24}``.
     """
     counts = _split_counts(num_ids, {"train": 96, "test": 24}, ("train", "test"))
-    size = (int(image_size[0]), int(image_size[1]))
-    stamp = _stamp("icfg-pedes", num_ids=counts, images_per_id=images_per_id, captions_per_image=1,
-                   image_size=list(size), seed=seed, faults=faults)
-
-    def build() -> list[dict[str, Any]]:
-        items = _generate(Path(root), layout="icfg-pedes", num_ids=counts, images_per_id=images_per_id,
-                          captions_per_image=1, image_size=size, seed=seed, faults=faults,
-                          source_pattern="synth/{pid:04d}/{pid:04d}_{index:02d}.jpg")
-        return _to_json(items, "icfg-pedes")
-
-    return _cached_or_build(Path(root), "ICFG-PEDES.json", stamp, build)
+    return _write_layout(root, "icfg-pedes", "ICFG-PEDES.json", "synth/{pid:04d}/{pid:04d}_{index:02d}.jpg", counts,
+                         images_per_id, 1, image_size, seed, faults)
 
 
 def make_synthetic_rstpreid(
@@ -551,14 +550,5 @@ def make_synthetic_rstpreid(
     ``num_ids`` defaults to ``{"train": 96, "val": 24, "test": 24}``; two captions per image by default.
     """
     counts = _split_counts(num_ids, {"train": 96, "val": 24, "test": 24}, SPLITS)
-    size = (int(image_size[0]), int(image_size[1]))
-    stamp = _stamp("rstpreid", num_ids=counts, images_per_id=images_per_id,
-                   captions_per_image=captions_per_image, image_size=list(size), seed=seed, faults=faults)
-
-    def build() -> list[dict[str, Any]]:
-        items = _generate(Path(root), layout="rstpreid", num_ids=counts, images_per_id=images_per_id,
-                          captions_per_image=captions_per_image, image_size=size, seed=seed, faults=faults,
-                          source_pattern="{pid:04d}_c{index:d}.jpg")
-        return _to_json(items, "rstpreid")
-
-    return _cached_or_build(Path(root), "data_captions.json", stamp, build)
+    return _write_layout(root, "rstpreid", "data_captions.json", "{pid:04d}_c{index:d}.jpg", counts, images_per_id,
+                         captions_per_image, image_size, seed, faults)
