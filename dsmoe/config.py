@@ -370,13 +370,29 @@ def load_ds_config(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON: {exc}") from None
 
 
-def resolve_precision(cfg: RunConfig, cuda_available: bool) -> str:
+@dataclass(frozen=True)
+class DeviceSupport:
+    """What the machine offers to precision choices: GPUs (bf16 by default) and DeepSpeed's fp16 support."""
+    cuda: bool
+    fp16: bool
+
+    @classmethod
+    def detect(cls) -> DeviceSupport:
+        import torch
+        from deepspeed.accelerator import get_accelerator
+        return cls(cuda=torch.cuda.is_available(), fp16=bool(get_accelerator().is_fp16_supported()))
+
+
+CPU_ONLY = DeviceSupport(cuda=False, fp16=False)
+
+
+def resolve_precision(cfg: RunConfig, device: DeviceSupport) -> str:
     if cfg.train.precision == "auto":
-        return "bf16" if cuda_available else "fp32"
+        return "bf16" if device.cuda else "fp32"
     return cfg.train.precision
 
 
-def compose_ds_config(ds: dict, cfg: RunConfig, world_size: int, cuda_available: bool) -> dict:
+def compose_ds_config(ds: dict, cfg: RunConfig, world_size: int, device: DeviceSupport) -> dict:
     """Fill every ``"auto"`` in the DeepSpeed JSON from the run config and check the batch arithmetic.
 
     The optimiser is always described by the YAML (per-group learning rates come from dsmoe); the JSON
@@ -384,7 +400,7 @@ def compose_ds_config(ds: dict, cfg: RunConfig, world_size: int, cuda_available:
     """
     ds = json.loads(json.dumps(ds))  # deep copy
     micro = cfg.micro_batch(world_size)
-    precision = resolve_precision(cfg, cuda_available)
+    precision = resolve_precision(cfg, device)
     fills = {
         "train_batch_size": cfg.train.batch_size,
         "train_micro_batch_size_per_gpu": micro,
@@ -405,15 +421,25 @@ def compose_ds_config(ds: dict, cfg: RunConfig, world_size: int, cuda_available:
     for key, value in param_fills.items():
         if params.get(key, "auto") == "auto":
             params[key] = value
-    for section, enabled in (("bf16", precision == "bf16"), ("fp16", False)):
-        if isinstance(ds.get(section), dict) and ds[section].get("enabled") == "auto":
-            ds[section]["enabled"] = enabled
+    if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") == "auto":
+        ds["fp16"]["enabled"] = False  # fp16 is chosen explicitly in the JSON, never by "auto"
+    fp16 = isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") is True
+    if fp16 and isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") is True:
+        raise ConfigError("the DeepSpeed JSON enables both fp16 and bf16: keep one")
+    if not fp16:
+        bf16 = ds.setdefault("bf16", {"enabled": "auto"})
+        if bf16.get("enabled", "auto") == "auto":
+            bf16["enabled"] = precision == "bf16"
+    json_precision = "fp16" if fp16 else "bf16" if ds["bf16"]["enabled"] else "fp32"
+    if cfg.train.precision != "auto" and cfg.train.precision != json_precision:
+        raise ConfigError(f"train.precision is {cfg.train.precision} but the DeepSpeed JSON runs {json_precision}: "
+                          f"set train.precision auto, or pick the matching ds_configs file")
     if "scheduler" in ds:
         raise ConfigError("the DeepSpeed JSON has a 'scheduler' section: dsmoe schedules the learning rate from "
                           "the YAML (optim.warmup_epochs, cosine); remove it")
-    if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") and not cuda_available:
-        raise ConfigError("fp16 (with loss scaling) needs GPUs: DeepSpeed's CPU accelerator does not support it; "
-                          "use a bf16 or fp32 config on CPU")
+    if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") and not device.fp16:
+        raise ConfigError("fp16 (with loss scaling) is not supported by DeepSpeed on this device (on a CPU it needs "
+                          "oneDNN's fp16 path: AVX512-FP16 or AMX-FP16); use a bf16 or fp32 config here")
     zero = ds.get("zero_optimization", {})
     if zero.get("stage", 0) == 3:
         raise ConfigError("ZeRO stage 3 does not support DeepSpeed MoE layers: use stage 1 or 2")

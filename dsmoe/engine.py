@@ -17,7 +17,7 @@ import yaml
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups
 
-from dsmoe.config import RunConfig, compose_ds_config, to_dict
+from dsmoe.config import DeviceSupport, RunConfig, compose_ds_config, to_dict
 from dsmoe.distributed import flag_tensor
 from dsmoe.data.pipeline import TrainStreamConfig, batches_per_epoch, eval_loader, train_loader
 from dsmoe.methods.base import Method, get_method
@@ -192,7 +192,7 @@ class Trainer:
         self.device = device_for(local_rank)
         self.run_dir = Path(cfg.train.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.ds_config = compose_ds_config(ds_config, cfg, world_size, torch.cuda.is_available())
+        self.ds_config = compose_ds_config(ds_config, cfg, world_size, DeviceSupport.detect())
         self.method: Method = get_method(cfg)
         self.steps_per_epoch = batches_per_epoch(cfg.data.shards, cfg.data.train_split, cfg.train.batch_size,
                                                  self.method.train_languages())

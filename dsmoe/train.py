@@ -13,11 +13,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # started as a script (deepspeed dsmoe/train.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
 
 from dsmoe.cli import add_common_arguments  # noqa: E402
-from dsmoe.config import (ConfigError, RunConfig, compose_ds_config, load_config, load_ds_config,  # noqa: E402
-                          stage_configs)
+from dsmoe.config import (ConfigError, DeviceSupport, RunConfig, compose_ds_config, load_config,  # noqa: E402
+                          load_ds_config, stage_configs)
 from dsmoe.data.pipeline import read_split  # noqa: E402
 from dsmoe.distributed import launched_world_size  # noqa: E402
 from dsmoe.engine import complete_tag  # noqa: E402
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         ds_config = load_ds_config(args.ds_config)
         world_size = launched_world_size()
         cfg.check_world(world_size)
-        compose_ds_config(ds_config, cfg, world_size, torch.cuda.is_available())
+        compose_ds_config(ds_config, cfg, world_size, DeviceSupport.detect())
         for stage in stage_configs(cfg):
             if args.resume == "none" and complete_tag(Path(stage.train.output_dir) / "checkpoints") is not None:
                 raise ConfigError(f"{stage.train.output_dir} already holds checkpoints: use --resume auto to "

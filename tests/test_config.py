@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dsmoe.config import (DEFAULT_DEMO_CONFIG, REPO_ROOT, ConfigError, RunConfig, compose_ds_config, from_dict,
-                          load_config, load_ds_config, to_dict)
+from dsmoe.config import (CPU_ONLY, DEFAULT_DEMO_CONFIG, REPO_ROOT, ConfigError, DeviceSupport, RunConfig,
+                          compose_ds_config, from_dict, load_config, load_ds_config, to_dict)
 
 CONFIG_DIR = REPO_ROOT / "dsmoe" / "configs"
 RECIPES = sorted(CONFIG_DIR.glob("**/*.yaml")) + sorted(CONFIG_DIR.glob("**/*.yml"))
@@ -240,7 +240,7 @@ def test_shipped_zero2_composes_cleanly():
     original = copy.deepcopy(raw)
     cfg = _cfg(train={"batch_size": 32, "grad_accum": 2}, optim={"lr": 3e-3, "grad_clip": 1.0, "adamw": True,
                                                                   "betas": [0.9, 0.98], "eps": 1e-6})
-    ds = compose_ds_config(raw, cfg, world_size=2, cuda_available=False)
+    ds = compose_ds_config(raw, cfg, world_size=2, device=CPU_ONLY)
     assert raw == original, "the input dict must not be modified"
     assert not [k for k, v in _walk(ds) if v == "auto"]
     assert ds["train_batch_size"] == 32
@@ -256,18 +256,42 @@ def test_shipped_zero2_composes_cleanly():
     json.dumps(ds)
 
 
-@pytest.mark.parametrize("precision,cuda,expected", [
-    ("auto", False, False), ("auto", True, True), ("fp32", True, False), ("bf16", False, True)])
-def test_bf16_auto_follows_precision(precision, cuda, expected):
+GPU = DeviceSupport(cuda=True, fp16=True)
+
+
+@pytest.mark.parametrize("precision,device,expected", [
+    ("auto", CPU_ONLY, False), ("auto", GPU, True), ("fp32", GPU, False), ("bf16", CPU_ONLY, True)])
+@pytest.mark.parametrize("section", [{"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}, {}])
+def test_bf16_auto_follows_precision(precision, device, expected, section):
     cfg = _cfg(train={"batch_size": 8, "precision": precision})
-    ds = compose_ds_config({"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}, cfg, 1, cuda)
+    ds = compose_ds_config(section, cfg, 1, device)
     assert ds["bf16"]["enabled"] is expected
-    assert ds["fp16"]["enabled"] is False
+    assert ds.get("fp16", {"enabled": False})["enabled"] is False
+
+
+@pytest.mark.parametrize("ds,precision,match", [
+    ({"bf16": {"enabled": True}}, "fp32", "train.precision is fp32 but the DeepSpeed JSON runs bf16"),
+    ({"bf16": {"enabled": False}}, "bf16", "runs fp32"),
+    ({"fp16": {"enabled": True}}, "bf16", "runs fp16"),
+    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "auto", "both fp16 and bf16"),
+])
+def test_json_precision_must_agree_with_yaml(ds, precision, match):
+    with pytest.raises(ConfigError, match=match):
+        compose_ds_config(ds, _cfg(train={"batch_size": 8, "precision": precision}), 1, GPU)
+
+
+def test_fp16_follows_what_deepspeed_supports_on_the_device():
+    cfg = _cfg(train={"batch_size": 8})
+    fp16_json = load_ds_config(REPO_ROOT / "ds_configs" / "zero2_fp16.json")
+    ds = compose_ds_config(fp16_json, cfg, 2, DeviceSupport(cuda=False, fp16=True))  # a CPU with AVX512-FP16
+    assert ds["fp16"]["enabled"] is True and "bf16" not in ds
+    with pytest.raises(ConfigError, match="fp16 .* not supported by DeepSpeed on this device"):
+        compose_ds_config(fp16_json, cfg, 2, CPU_ONLY)
 
 
 def test_missing_optimizer_section_is_added():
     cfg = _cfg(train={"batch_size": 8}, optim={"lr": 1e-3})
-    ds = compose_ds_config({}, cfg, 2, False)
+    ds = compose_ds_config({}, cfg, 2, CPU_ONLY)
     assert ds["optimizer"]["type"] == "Adam"
     assert ds["optimizer"]["params"]["lr"] == 1e-3
     assert ds["optimizer"]["params"]["weight_decay"] == cfg.optim.weight_decay
@@ -278,7 +302,7 @@ def test_missing_optimizer_section_is_added():
 def test_explicit_values_are_kept():
     cfg = _cfg(train={"batch_size": 8})
     ds = compose_ds_config({"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 0.5}},
-                            "gradient_clipping": 2.0}, cfg, 2, False)
+                            "gradient_clipping": 2.0}, cfg, 2, CPU_ONLY)
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 0.5
     assert ds["gradient_clipping"] == 2.0
 
@@ -295,7 +319,7 @@ def test_explicit_values_are_kept():
 def test_compose_refuses_bad_json(ds, match):
     cfg = _cfg(train={"batch_size": 16})
     with pytest.raises(ConfigError, match=match):
-        compose_ds_config(ds, cfg, 2, False)
+        compose_ds_config(ds, cfg, 2, CPU_ONLY)
 
 
 def test_load_ds_config_errors(tmp_path):

@@ -16,7 +16,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from dsmoe import distributed  # noqa: E402
-from dsmoe.config import compose_ds_config, load_config, load_ds_config  # noqa: E402
+from dsmoe.config import CPU_ONLY, compose_ds_config, load_config, load_ds_config  # noqa: E402
 from dsmoe.engine import param_groups  # noqa: E402
 from dsmoe.methods.base import get_method  # noqa: E402
 
@@ -48,7 +48,7 @@ def main() -> None:
     cfg = probe_config(args.clip, ep_size=2)
     method = get_method(cfg)
     model = method.build()
-    ds = compose_ds_config(load_ds_config(args.ds_config), cfg, world, False)
+    ds = compose_ds_config(load_ds_config(args.ds_config), cfg, world, CPU_ONLY)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg), config=ds)
     out = engine(probe_batch(method, rank))
     engine.backward(out["loss"])
