@@ -368,6 +368,8 @@ class Trainer:
     def _log_step(self, out: dict, step: int) -> None:
         record = {"step": step, "epoch": self.progress.epoch, **self.method.scalars(out),
                   "lr": self.scheduler.get_last_lr()[0]}
+        if self.engine.fp16_enabled():  # dynamic loss scaling: steps with inf/nan gradients are skipped
+            record.update(loss_scale=float(self.optimizer.loss_scale), skipped_steps=self.engine.skipped_steps)
         self.log.metrics(record, routing=self.model.expert_counts())
 
     def _end_of_epoch(self) -> None:

@@ -34,20 +34,28 @@ def train_cmd(assets: dict, run_dir: Path, port: int, *overrides: str, resume: s
             "--resume", resume, *args, *extra]
 
 
-def run_ok(cmd: list[str]) -> str:
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+def run_ok(cmd: list[str], env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env or launch_env(), capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     return output
 
 
+def cpu_fp16_env() -> dict[str, str]:
+    """launch_env() with DeepSpeed's CPU accelerator accepting fp16 (tests/shims/cpu_fp16/sitecustomize.py)."""
+    env = launch_env()
+    shim = REPO_ROOT / "tests" / "shims" / "cpu_fp16"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def logged_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def logged_losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
+    return {r["step"]: r["loss"] for r in logged_records(run_dir) if "loss" in r}
 
 
 def latest_tag(run_dir: Path) -> str:

@@ -9,8 +9,10 @@ import sys
 import pytest
 import torch
 
-from dsmoe.config import REPO_ROOT, ConfigError, compose_ds_config, load_config, load_ds_config
-from launch import LAUNCH_TIMEOUT, launch_env, latest_tag, logged_losses, run_ok, train_cmd
+from dsmoe.config import (CPU_ONLY, REPO_ROOT, ConfigError, DeviceSupport, compose_ds_config, load_config,
+                          load_ds_config)
+from launch import (LAUNCH_TIMEOUT, cpu_fp16_env, launch_env, latest_tag, logged_losses, logged_records, run_ok,
+                    train_cmd)
 
 pytestmark = pytest.mark.integration
 CONFIGS = sorted(p.name for p in (REPO_ROOT / "ds_configs").glob("*.json"))
@@ -19,25 +21,41 @@ CONFIGS = sorted(p.name for p in (REPO_ROOT / "ds_configs").glob("*.json"))
 @pytest.mark.parametrize("ds_config", CONFIGS)
 def test_every_ds_config_trains_with_experts_over_two_ranks(ds_config, demo_assets, tmp_path):
     port = 29650 + CONFIGS.index(ds_config)
-    if load_ds_config(REPO_ROOT / "ds_configs" / ds_config).get("fp16", {}).get("enabled") and \
-            not torch.cuda.is_available():
-        # DeepSpeed's CPU accelerator has no fp16: the run must stop at once and say so
-        proc = subprocess.run(train_cmd(demo_assets, tmp_path / "run", port, ds_config=ds_config), cwd=REPO_ROOT,
-                              env=launch_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-        assert proc.returncode != 0 and "fp16 (with loss scaling) needs GPUs" in proc.stderr
-        assert not (tmp_path / "run" / "checkpoints").exists()
-        return
-    out = run_ok(train_cmd(demo_assets, tmp_path / "run", port, "train.max_steps=2", ds_config=ds_config))
+    env = launch_env()
+    fp16 = load_ds_config(REPO_ROOT / "ds_configs" / ds_config).get("fp16", {}).get("enabled")
+    if fp16 and not DeviceSupport.detect().fp16:
+        # DeepSpeed refuses fp16 on this CPU (no AVX512-FP16): the run stops at once and says so ...
+        proc = subprocess.run(train_cmd(demo_assets, tmp_path / "refused", port, ds_config=ds_config), cwd=REPO_ROOT,
+                              env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+        assert proc.returncode != 0 and "not supported by DeepSpeed on this device" in proc.stderr
+        assert not (tmp_path / "refused").exists()
+        env = cpu_fp16_env()  # ... and with the capability flag lifted, torch's CPU kernels run the fp16 path
+    steps = 6 if fp16 else 2
+    out = run_ok(train_cmd(demo_assets, tmp_path / "run", port, f"train.max_steps={steps}", ds_config=ds_config),
+                 env=env)
     assert "world size 2, ep_size 2" in out
     losses = logged_losses(tmp_path / "run")
-    assert sorted(losses) == [1, 2] and all(0 < v < 1e4 for v in losses.values())
-    assert latest_tag(tmp_path / "run") == "step00000002"
+    assert sorted(losses) == list(range(1, steps + 1)) and all(0 < v < 1e4 for v in losses.values())
+    assert latest_tag(tmp_path / "run") == f"step{steps:08d}"
     composed = json.loads((tmp_path / "run" / "ds_config.json").read_text())
     assert "auto" not in json.dumps(composed)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["test"]["captions"] == 144
+    if fp16:
+        assert "dtype torch.float16" in out
+        _check_loss_scaling(tmp_path / "run", composed["fp16"], steps)
 
 
+def _check_loss_scaling(run_dir, fp16: dict, steps: int) -> None:
+    """Dynamic loss scaling ran: the scale starts at 2**initial_scale_power, only halves after skipped
+    (overflowing) steps, and at least one step updated the adapters."""
+    records = [r for r in logged_records(run_dir) if "loss" in r]
+    scales = [r["loss_scale"] for r in records]
+    skipped = [r["skipped_steps"] for r in records]
+    assert scales[0] <= 2 ** fp16["initial_scale_power"] and all(s >= fp16["min_loss_scale"] for s in scales)
+    assert skipped == sorted(skipped) and skipped[-1] < steps
+    for before, after, skip_before, skip_after in zip(scales, scales[1:], skipped, skipped[1:]):
+        assert after == before or (after < before and skip_after > skip_before)
 def _reference_norm(clip_dir: str) -> float:
     """The same step in one process: every expert local, loss = mean of the two ranks' losses."""
     sys.path.insert(0, str(REPO_ROOT / "tests" / "scripts"))
@@ -78,11 +96,11 @@ def _cfg(*overrides: str):
 def test_configurations_deepspeed_gets_wrong_fail_early(tmp_path):
     zero3 = {**load_ds_config(REPO_ROOT / "ds_configs" / "zero2.json"), "zero_optimization": {"stage": 3}}
     with pytest.raises(ConfigError, match="stage 3 does not support DeepSpeed MoE.*stage 1 or 2"):
-        compose_ds_config(zero3, _cfg(), 2, False)
+        compose_ds_config(zero3, _cfg(), 2, CPU_ONLY)
     zero0 = load_ds_config(REPO_ROOT / "ds_configs" / "zero0_fp32.json")
     with pytest.raises(ConfigError, match="ZeRO stage 0 with expert parallelism.*stage 1 or 2"):
-        compose_ds_config(zero0, _cfg("optim.grad_clip=1.0"), 2, False)
-    compose_ds_config(zero0, _cfg("optim.grad_clip=1.0", "adapter.ep_size=1"), 2, False)  # no EP: fine
+        compose_ds_config(zero0, _cfg("optim.grad_clip=1.0"), 2, CPU_ONLY)
+    compose_ds_config(zero0, _cfg("optim.grad_clip=1.0", "adapter.ep_size=1"), 2, CPU_ONLY)  # no EP: fine
     with pytest.raises(ConfigError, match="ep_size=4 must divide adapter.num_experts=6"):
         _cfg("adapter.ep_size=4")
     with pytest.raises(ConfigError, match="does not divide the world size 3"):
