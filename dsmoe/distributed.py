@@ -53,8 +53,11 @@ def init_distributed() -> tuple[int, int, int]:
     if "RANK" not in os.environ:  # plain `python ...`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():  # before any NCCL collective: each rank on its own GPU (flag_tensor relies on it)
+        torch.cuda.set_device(local_rank)
     deepspeed.init_distributed()
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return dist.get_rank(), dist.get_world_size(), local_rank
 
 
 def flag_tensor(value: int) -> torch.Tensor:
