@@ -14,9 +14,10 @@ import time
 
 import pytest
 
-from dsmoe.config import REPO_ROOT
+from dsmoe.config import REPO_ROOT, DeviceSupport
 
-from launch import LAUNCH_TIMEOUT, launch_env, latest_tag, logged_losses, run_ok, train_cmd
+from launch import (LAUNCH_TIMEOUT, cpu_fp16_env, launch_env, latest_tag, logged_losses, logged_records, run_ok,
+                    train_cmd)
 
 pytestmark = pytest.mark.integration
 
@@ -144,3 +145,18 @@ def test_dasd_language_experts_sharded_over_two_ranks(dasd_assets, tmp_path):
     single = json.loads(proc.stdout[proc.stdout.index("{"):])
     best = json.loads((run / "cma" / "results.json").read_text())["test"]
     assert single["mAR"] == pytest.approx(best["mAR"], abs=1e-3)
+
+
+def test_dasd_trains_in_fp16_with_loss_scaling(dasd_assets, tmp_path):
+    """The adversarial discriminator keeps its own fp32 optimiser while DeepSpeed runs the model in fp16."""
+    run = tmp_path / "dasd"
+    cmd = train_cmd(dasd_assets, run, 29632, "dasd.stages=[cla]", "dasd.cla={epochs: 2, lr: 0.002}",
+                    "train.batch_size=16", "demo=false", ds_config="zero2_fp16.json",
+                    extra=("--config", str(REPO_ROOT / "dsmoe" / "configs" / "dasd" / "demo.yaml")))
+    out = run_ok(cmd, env=launch_env() if DeviceSupport.detect().fp16 else cpu_fp16_env())
+    assert "dtype torch.float16" in out
+    steps = [r for r in logged_records(run / "cla") if "loss" in r]
+    assert len(steps) == 16 and steps[-1]["skipped_steps"] < 16  # overflowing steps skipped, the others applied
+    assert all(0 < r["discriminator"] < 10 and r["loss_scale"] >= 1 for r in steps)
+    assert sum(r["loss"] for r in steps[-4:]) < sum(r["loss"] for r in steps[:4])
+    assert json.loads((run / "cla" / "results.json").read_text())["test"]["mAR"] > 0
