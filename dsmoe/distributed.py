@@ -55,6 +55,12 @@ def init_distributed() -> tuple[int, int, int]:
                           MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():  # before any NCCL collective: each rank on its own GPU (flag_tensor relies on it)
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            raise ValueError(
+                f"local rank {local_rank} has no GPU: this process sees {visible} (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one rank per GPU (deepspeed --num_gpus "
+                f"or --include, one Slurm task per GPU)")
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed()
     return dist.get_rank(), dist.get_world_size(), local_rank
