@@ -2,17 +2,11 @@
 random weights: the real run loads openai/clip-vit-base-patch16 the same way)."""
 from __future__ import annotations
 
-from transformers import CLIPConfig, CLIPModel
-
 from dsmoe.backbones.clip import FrozenCLIP
+from dsmoe.backbones.clip import random_vit_b16_clip as vit_b16_clip
 from dsmoe.config import REPO_ROOT, load_config
 from dsmoe.engine import trainable_parameters
 from dsmoe.methods.dm_adapter import DMAdapter
-
-
-def vit_b16_clip() -> CLIPModel:
-    """OpenAI CLIP ViT-B/16's architecture (transformers' defaults are ViT-B/32: only the patch differs)."""
-    return CLIPModel(CLIPConfig(vision_config={"patch_size": 16}, projection_dim=512))
 
 
 def test_vit_b16_dm_adapter_has_about_16m_trainable_parameters():

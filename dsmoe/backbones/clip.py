@@ -23,6 +23,14 @@ def load_clip(name_or_path: str) -> CLIPModel:
     return CLIPModel.from_pretrained(name_or_path, dtype=torch.float32)
 
 
+def random_vit_b16_clip() -> CLIPModel:
+    """OpenAI CLIP ViT-B/16's architecture with random weights (sizes, speed and memory without a download;
+    transformers' default CLIPConfig is ViT-B/32: only the patch differs)."""
+    from transformers import CLIPConfig
+
+    return CLIPModel(CLIPConfig(vision_config={"patch_size": 16}, projection_dim=512))
+
+
 def resize_position_embedding(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Bilinearly resize a [1 + n*n, d] ViT position embedding (class token first) to ``grid`` (rows, cols)."""
     cls_pos, patch_pos = pos[:1], pos[1:]
