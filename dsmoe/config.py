@@ -372,23 +372,27 @@ def load_ds_config(path: str | Path) -> dict:
 
 @dataclass(frozen=True)
 class DeviceSupport:
-    """What the machine offers to precision choices: GPUs (bf16 by default) and DeepSpeed's fp16 support."""
+    """What the machine offers to precision choices: GPUs, and the half types DeepSpeed's accelerator accepts."""
     cuda: bool
+    bf16: bool
     fp16: bool
 
     @classmethod
     def detect(cls) -> DeviceSupport:
         import torch
         from deepspeed.accelerator import get_accelerator
-        return cls(cuda=torch.cuda.is_available(), fp16=bool(get_accelerator().is_fp16_supported()))
+        accelerator = get_accelerator()
+        return cls(cuda=torch.cuda.is_available(), bf16=bool(accelerator.is_bf16_supported()),
+                   fp16=bool(accelerator.is_fp16_supported()))
 
 
-CPU_ONLY = DeviceSupport(cuda=False, fp16=False)
+CPU_ONLY = DeviceSupport(cuda=False, bf16=True, fp16=False)  # DeepSpeed's CPU accelerator: bf16 always
 
 
 def resolve_precision(cfg: RunConfig, device: DeviceSupport) -> str:
+    """``auto``: bf16 on GPUs that have it (Ampere and newer), else fp32."""
     if cfg.train.precision == "auto":
-        return "bf16" if device.cuda else "fp32"
+        return "bf16" if device.cuda and device.bf16 else "fp32"
     return cfg.train.precision
 
 
@@ -437,9 +441,12 @@ def compose_ds_config(ds: dict, cfg: RunConfig, world_size: int, device: DeviceS
     if "scheduler" in ds:
         raise ConfigError("the DeepSpeed JSON has a 'scheduler' section: dsmoe schedules the learning rate from "
                           "the YAML (optim.warmup_epochs, cosine); remove it")
-    if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") and not device.fp16:
+    if json_precision == "fp16" and not device.fp16:
         raise ConfigError("fp16 (with loss scaling) is not supported by DeepSpeed on this device (on a CPU it needs "
                           "oneDNN's fp16 path: AVX512-FP16 or AMX-FP16); use a bf16 or fp32 config here")
+    if json_precision == "bf16" and not device.bf16:
+        raise ConfigError("bf16 is not supported on this device (GPUs before Ampere): use an fp32 config, or "
+                          "ds_configs/zero2_fp16.json with loss scaling")
     zero = ds.get("zero_optimization", {})
     if zero.get("stage", 0) == 3:
         raise ConfigError("ZeRO stage 3 does not support DeepSpeed MoE layers: use stage 1 or 2")

@@ -437,7 +437,8 @@ def load_for_inference(cfg: RunConfig, checkpoint: str | Path, ep_size: int | No
     if is_portable(checkpoint):
         load_portable(model, checkpoint)
         source = str(checkpoint)
-    precision = "bf16" if torch.cuda.is_available() and cfg.train.precision != "fp32" else "fp32"
+    device = DeviceSupport.detect()
+    precision = "bf16" if device.cuda and device.bf16 and cfg.train.precision != "fp32" else "fp32"
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                  "bf16": {"enabled": precision == "bf16"}, "zero_optimization": {"stage": 0}}
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)

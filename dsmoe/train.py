@@ -13,7 +13,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # started as a script (deepspeed dsmoe/train.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
 from dsmoe.cli import add_common_arguments  # noqa: E402
 from dsmoe.config import (ConfigError, DeviceSupport, RunConfig, compose_ds_config, load_config,  # noqa: E402
                           load_ds_config, stage_configs)

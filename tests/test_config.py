@@ -256,11 +256,13 @@ def test_shipped_zero2_composes_cleanly():
     json.dumps(ds)
 
 
-GPU = DeviceSupport(cuda=True, fp16=True)
+GPU = DeviceSupport(cuda=True, bf16=True, fp16=True)
+V100 = DeviceSupport(cuda=True, bf16=False, fp16=True)
 
 
 @pytest.mark.parametrize("precision,device,expected", [
-    ("auto", CPU_ONLY, False), ("auto", GPU, True), ("fp32", GPU, False), ("bf16", CPU_ONLY, True)])
+    ("auto", CPU_ONLY, False), ("auto", GPU, True), ("auto", V100, False), ("fp32", GPU, False),
+    ("bf16", CPU_ONLY, True)])
 @pytest.mark.parametrize("section", [{"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}, {}])
 def test_bf16_auto_follows_precision(precision, device, expected, section):
     cfg = _cfg(train={"batch_size": 8, "precision": precision})
@@ -280,13 +282,16 @@ def test_json_precision_must_agree_with_yaml(ds, precision, match):
         compose_ds_config(ds, _cfg(train={"batch_size": 8, "precision": precision}), 1, GPU)
 
 
-def test_fp16_follows_what_deepspeed_supports_on_the_device():
+def test_half_precision_follows_what_deepspeed_supports_on_the_device():
     cfg = _cfg(train={"batch_size": 8})
     fp16_json = load_ds_config(REPO_ROOT / "ds_configs" / "zero2_fp16.json")
-    ds = compose_ds_config(fp16_json, cfg, 2, DeviceSupport(cuda=False, fp16=True))  # a CPU with AVX512-FP16
+    ds = compose_ds_config(fp16_json, cfg, 2, DeviceSupport(cuda=False, bf16=True, fp16=True))  # AVX512-FP16 CPU
     assert ds["fp16"]["enabled"] is True and "bf16" not in ds
     with pytest.raises(ConfigError, match="fp16 .* not supported by DeepSpeed on this device"):
         compose_ds_config(fp16_json, cfg, 2, CPU_ONLY)
+    assert compose_ds_config(fp16_json, cfg, 2, V100)["fp16"]["enabled"] is True
+    with pytest.raises(ConfigError, match="bf16 is not supported on this device"):
+        compose_ds_config(load_ds_config(REPO_ROOT / "ds_configs" / "zero2_bf16.json"), cfg, 2, V100)
 
 
 def test_missing_optimizer_section_is_added():
