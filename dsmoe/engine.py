@@ -17,7 +17,7 @@ import yaml
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups
 
-from dsmoe.config import DeviceSupport, RunConfig, compose_ds_config, to_dict
+from dsmoe.config import DeviceSupport, RunConfig, compose_ds_config, resolve_precision, to_dict
 from dsmoe.distributed import flag_tensor
 from dsmoe.data.pipeline import TrainStreamConfig, batches_per_epoch, eval_loader, train_loader
 from dsmoe.methods.base import Method, get_method
@@ -438,7 +438,8 @@ def load_for_inference(cfg: RunConfig, checkpoint: str | Path, ep_size: int | No
         load_portable(model, checkpoint)
         source = str(checkpoint)
     device = DeviceSupport.detect()
-    precision = "bf16" if device.cuda and device.bf16 and cfg.train.precision != "fp32" else "fp32"
+    # bf16 inference where training would use it on this GPU; fp32 on CPUs
+    precision = "bf16" if device.cuda and device.bf16 and resolve_precision(cfg, device) == "bf16" else "fp32"
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                  "bf16": {"enabled": precision == "bf16"}, "zero_optimization": {"stage": 0}}
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)

@@ -49,6 +49,18 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
+def _checked_inputs(similarity: torch.Tensor, row_ids: torch.Tensor, row_name: tuple[str, str],
+                    col_ids: torch.Tensor, col_name: tuple[str, str], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a [rows, cols] score matrix, its row and column ids ((argument, what a row/column is)) and the
+    chunk size; return the ids on the matrix's device."""
+    _check_similarity(similarity)
+    num_rows, num_cols = similarity.shape
+    _check_ids(row_ids, num_rows, row_name[0], f"rows ({row_name[1]})")
+    _check_ids(col_ids, num_cols, col_name[0], f"columns ({col_name[1]})")
+    _check_chunk_size(chunk_size)
+    return row_ids.to(similarity.device), col_ids.to(similarity.device)
+
+
 def _sorted_order(block: torch.Tensor) -> torch.Tensor:
     """Indices of ``block`` [chunk, G] sorted by descending score per row; ties keep index order."""
     return torch.sort(block, dim=1, descending=True, stable=True).indices
@@ -59,6 +71,12 @@ def _first_hit_rank(hits: torch.Tensor) -> torch.Tensor:
     num_cols = hits.shape[1]
     positions = torch.arange(num_cols, device=hits.device).expand_as(hits)
     return torch.where(hits, positions, torch.full_like(positions, num_cols)).min(dim=1).values
+
+
+def _hits_at_k(first: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
+    """[len(_KS)] how many rows (of those ``counted``) have their first hit within the top K, for each K."""
+    within = torch.stack([first < k for k in _KS])  # [len(_KS), chunk]
+    return (within if counted is None else within & counted).sum(dim=1)
 
 
 @torch.no_grad()
@@ -85,15 +103,10 @@ def rank_metrics(
     Raises:
         ValueError: on malformed inputs or if some query has no positive in the gallery.
     """
-    _check_similarity(similarity)
+    query_pids, gallery_pids = _checked_inputs(similarity, query_pids, ("query_pids", "queries"), gallery_pids,
+                                               ("gallery_pids", "gallery items"), chunk_size)
     num_queries, num_gallery = similarity.shape
-    _check_ids(query_pids, num_queries, "query_pids", "rows (queries)")
-    _check_ids(gallery_pids, num_gallery, "gallery_pids", "columns (gallery items)")
-    _check_chunk_size(chunk_size)
-
     device = similarity.device
-    query_pids = query_pids.to(device)
-    gallery_pids = gallery_pids.to(device)
 
     has_positive = torch.isin(query_pids, gallery_pids)
     if not bool(has_positive.all()):
@@ -114,9 +127,7 @@ def rank_metrics(
         order = _sorted_order(similarity[start:stop])
         matches = gallery_pids[order] == query_pids[start:stop, None]  # [c, G] bool, in rank order
 
-        first = _first_hit_rank(matches)
-        for i, k in enumerate(_KS):
-            hits_at_k[i] += (first < k).sum()
+        hits_at_k += _hits_at_k(_first_hit_rank(matches))
 
         matches_f = matches.to(torch.float64)
         num_pos = matches_f.sum(dim=1)  # >= 1 by the check above
@@ -157,15 +168,10 @@ def recall_metrics(
     Raises:
         ValueError: on malformed inputs, duplicate image ids, or a caption whose image id is unknown.
     """
-    _check_similarity(similarity)
+    text_image_ids, image_ids = _checked_inputs(similarity, text_image_ids, ("text_image_ids", "texts"), image_ids,
+                                                ("image_ids", "images"), chunk_size)
     num_texts, num_images = similarity.shape
-    _check_ids(text_image_ids, num_texts, "text_image_ids", "rows (texts)")
-    _check_ids(image_ids, num_images, "image_ids", "columns (images)")
-    _check_chunk_size(chunk_size)
-
     device = similarity.device
-    text_image_ids = text_image_ids.to(device)
-    image_ids = image_ids.to(device)
 
     if torch.unique(image_ids).numel() != num_images:
         raise ValueError("image_ids must be unique (one column per image)")
@@ -185,9 +191,7 @@ def recall_metrics(
     for start in range(0, num_texts, chunk_size):
         stop = min(start + chunk_size, num_texts)
         order = _sorted_order(similarity[start:stop])
-        first = _first_hit_rank(order == target_column[start:stop, None])
-        for i, k in enumerate(_KS):
-            t2i_hits[i] += (first < k).sum()
+        t2i_hits += _hits_at_k(_first_hit_rank(order == target_column[start:stop, None]))
 
     has_caption = torch.isin(image_ids, text_image_ids)
     num_captioned = int(has_caption.sum())  # >= 1 since num_texts >= 1 and every caption's image exists
@@ -195,10 +199,8 @@ def recall_metrics(
     for start in range(0, num_images, chunk_size):
         stop = min(start + chunk_size, num_images)
         order = _sorted_order(similarity[:, start:stop].T)  # [c, T]
-        first = _first_hit_rank(text_image_ids[order] == image_ids[start:stop, None])
-        captioned = has_caption[start:stop]
-        for i, k in enumerate(_KS):
-            i2t_hits[i] += ((first < k) & captioned).sum()
+        i2t_hits += _hits_at_k(_first_hit_rank(text_image_ids[order] == image_ids[start:stop, None]),
+                               has_caption[start:stop])
 
     result: dict[str, float] = {}
     for i, k in enumerate(_KS):
