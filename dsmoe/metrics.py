@@ -50,7 +50,8 @@ def _check_chunk_size(chunk_size: int) -> None:
 
 
 def _checked_inputs(similarity: torch.Tensor, row_ids: torch.Tensor, row_name: tuple[str, str],
-                    col_ids: torch.Tensor, col_name: tuple[str, str], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    col_ids: torch.Tensor, col_name: tuple[str, str],
+                    chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate a [rows, cols] score matrix, its row and column ids ((argument, what a row/column is)) and the
     chunk size; return the ids on the matrix's device."""
     _check_similarity(similarity)
