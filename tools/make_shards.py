@@ -21,7 +21,8 @@ Example::
         --resize 384x128 --workers 8 --verify
 
 Exit status: 0 on success, 1 when --verify finds problems, 2 on a user error (bad arguments, a raw layout that
-does not parse, skipped records or unmatched caption entries under --strict).
+does not parse, skipped records or unmatched caption entries under --strict) or a failed write (the file is
+named), 130 when interrupted (a re-run continues from the shards already finished).
 """
 
 from __future__ import annotations
@@ -236,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RawFormatError, ShardWriteError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: shards already finished in {args.out} are kept; run the same command again to "
+              f"continue", file=sys.stderr)
+        return 130
     print(format_accounting(reports))
     details = format_details(reports)
     if details:

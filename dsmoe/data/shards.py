@@ -46,6 +46,7 @@ decoded and encoded once):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -53,6 +54,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -114,7 +116,16 @@ R = TypeVar("R")
 
 
 class ShardWriteError(ValueError):
-    """The shards could not be written as asked (bad options, or skipped records under ``strict``)."""
+    """The shards could not be written as asked (bad options, skipped records under ``strict``, a failed write)."""
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` while writing ``path`` (a full disk, say) into an error that names the file."""
+    try:
+        yield
+    except OSError as exc:
+        raise ShardWriteError(f"could not write {path}: {exc.strerror or exc}") from None
 
 
 @dataclass
@@ -245,7 +256,7 @@ def _shard_name(split: str, index: int) -> str:
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with _writing(tmp), open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -336,8 +347,12 @@ def _prepare(task: _PrepTask) -> list[_Probe]:
     if spill:
         path = Path(task.spill_dir) / name
         tmp = path.with_name(f"{name}.tmp-{os.getpid()}")
-        tmp.write_bytes(spill)
-        os.replace(tmp, path)
+        try:
+            with _writing(tmp):
+                tmp.write_bytes(spill)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return probes
 
 
@@ -422,7 +437,7 @@ def _build_shard(task: _ShardTask) -> _ShardResult:
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     spill = _SpillReader(Path(task.out_dir) / SPILL_NAME)
     try:
-        with open(tmp, "wb") as fh:
+        with _writing(tmp), open(tmp, "wb") as fh:
             tar = _TarWriter(fh)
             for sample in task.samples:
                 members = _image_members(sample, spill)
@@ -445,15 +460,23 @@ def _build_shard(task: _ShardTask) -> _ShardResult:
 
 
 class _Runner:
-    """Map functions inline (one worker) or over a spawn-context process pool (several)."""
+    """Map functions inline (one worker) or over a spawn-context process pool (several).
+
+    Workers start with Ctrl-C ignored (an ignored signal stays ignored across exec, and Python then installs no
+    KeyboardInterrupt handler): the main process alone reacts to it, stops the pool and says how to continue.
+    """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._pool: Any = None
-        if workers > 1:
-            self._pool = multiprocessing.get_context("spawn").Pool(workers)
 
     def __enter__(self) -> _Runner:
+        if self.workers > 1:
+            interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
+            finally:
+                signal.signal(signal.SIGINT, interrupt)
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
@@ -764,12 +787,15 @@ def write_shards(
                                             old[1] if old and old[0] == plan else None))
             plans = {task.name: task for task in tasks}
             results: dict[str, _ShardResult] = {}
-            with open(journal, "a", encoding="utf-8") as log:
+            with _writing(journal):
+                log = open(journal, "a", encoding="utf-8")
+            with log:
                 for result in runner.unordered(_build_shard, tasks):
                     results[result.name] = result
                     entry = {"name": result.name, "plan": plans[result.name].plan, "sha256": result.sha256}
-                    log.write(json.dumps(entry) + "\n")
-                    log.flush()
+                    with _writing(journal):
+                        log.write(json.dumps(entry) + "\n")
+                        log.flush()
     finally:
         shutil.rmtree(spill_dir, ignore_errors=True)
 
