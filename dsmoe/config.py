@@ -25,15 +25,53 @@ class ConfigError(ValueError):
     """A user mistake in the model YAML, an override or the DeepSpeed JSON."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field (each element of a tuple field); checked when a config is read."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def ranged(default: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> Any:
+    return field(default=default, metadata={"range": Range(low, high, low_open, high_open)})
+
+
+def positive(default: Any) -> Any:
+    return ranged(default, 0, low_open=True)
+
+
+def at_least(low: int, default: Any) -> Any:
+    return ranged(default, low)
+
+
+def share(default: Any, *, high_open: bool = False) -> Any:
+    """A value in [0, 1] (or [0, 1))."""
+    return ranged(default, 0, 1, high_open=high_open)
+
+
 @dataclass
 class ModelConfig:
     clip: str = "openai/clip-vit-base-patch16"
     """Hugging Face hub id or local directory of a transformers ``CLIPModel``."""
     tokenizer: str | None = None
     """Tokenizer hub id or directory; defaults to ``clip``."""
-    image_size: tuple[int, int] = (384, 128)
+    image_size: tuple[int, int] = at_least(1, (384, 128))
     """Input (height, width); the position embedding is resized bilinearly to this grid."""
-    text_length: int = 77
+    text_length: int = at_least(2, 77)
     """Tokens per caption (truncated / padded)."""
 
 
@@ -42,22 +80,22 @@ class AdapterConfig:
     router: Literal["domain_aware", "linear", "dense", "language"] = "domain_aware"
     """``domain_aware`` (DM-Adapter), ``linear`` (learned top-k router), ``dense`` (one adapter, no MoE) or
     ``language`` (DASD: one expert per target language, each caption's tokens go to its language's expert)."""
-    num_experts: int = 6
-    top_k: int = 2
-    ep_size: int = 1
+    num_experts: int = at_least(1, 6)
+    top_k: int = at_least(1, 2)
+    ep_size: int = at_least(1, 1)
     """Expert-parallel size: experts of every layer are sharded over this many ranks."""
-    capacity_factor: float | None = None
+    capacity_factor: float | None = positive(None)
     """None routes every token (the paper); a number caps each expert at factor * k * tokens / experts."""
-    bottleneck_ratio: int = 8
+    bottleneck_ratio: int = at_least(1, 8)
     """Expert hidden width is d / bottleneck_ratio."""
-    image_scale: float = 0.1
-    text_scale: float = 4.0
+    image_scale: float = ranged(0.1, 0)
+    text_scale: float = ranged(4.0, 0)
 
 
 @dataclass
 class StageConfig:
-    epochs: int = 1
-    lr: float = 2.0e-4
+    epochs: int = at_least(1, 1)
+    lr: float = positive(2.0e-4)
 
 
 @dataclass
@@ -79,19 +117,19 @@ class DASDConfig:
     """Target-language tokenizer (mBERT) hub id or directory."""
     embeddings: str | None = "bert-base-multilingual-cased"
     """Model whose word embeddings initialise the trainable table; null: random init of the tokenizer's size."""
-    embedding_dim: int = 768
+    embedding_dim: int = at_least(1, 768)
     """Width of the table when ``embeddings`` is null (mBERT's is read from the model)."""
-    adapter_rank: int = 32
+    adapter_rank: int = at_least(1, 32)
     """Bottleneck of the dynamic adapter; W_z is rank x rank."""
-    generator_dim: int = 512
+    generator_dim: int = at_least(1, 512)
     """Width of z, the per-caption vector the W_z of every layer is generated from."""
-    extractor_hidden: int = 256
-    extractor_blocks: int = 2
+    extractor_hidden: int = at_least(1, 256)
+    extractor_blocks: int = at_least(1, 2)
     """Frozen CLIP text blocks the semantics extractors run through, each followed by a bottleneck MLP."""
-    consistency_weight: float = 0.1
-    adversarial_weight: float = 0.001
-    discriminator_lr: float = 1.0e-4
-    logit_scale: float = 100.0
+    consistency_weight: float = ranged(0.1, 0)
+    adversarial_weight: float = ranged(0.001, 0)
+    discriminator_lr: float = positive(1.0e-4)
+    logit_scale: float = positive(100.0)
     """InfoNCE scale of stage CMA."""
     init_from: str | None = None
     """A run or checkpoint whose trainable weights start the first stage (optimiser state fresh)."""
@@ -99,11 +137,11 @@ class DASDConfig:
 
 @dataclass
 class LossConfig:
-    logit_scale: float = 50.0
+    logit_scale: float = positive(50.0)
     """SDM temperature 1 / tau (fixed)."""
-    lb_weight: float = 0.5
+    lb_weight: float = ranged(0.5, 0)
     """Weight of the load-balancing loss summed over layers."""
-    caption_corruption: float = 0.15
+    caption_corruption: float = share(0.15, high_open=True)
     """Share of caption tokens corrupted for the SDM loss (80% mask, 10% random, 10% kept); 0 disables."""
 
 
@@ -118,54 +156,62 @@ class DataConfig:
     val_split: str | None = "val"
     """Split used for model selection; null selects the last epoch (ICFG-PEDES has no val split)."""
     test_split: str = "test"
-    workers: int = 2
+    workers: int = at_least(0, 2)
     """DataLoader worker processes per rank."""
-    shuffle_buffer: int = 2000
+    shuffle_buffer: int = at_least(1, 2000)
     augment: bool = True
-    random_erasing: float = 0.5
+    random_erasing: float = share(0.5)
     """Probability of random erasing (scale 0.02-0.4) when ``augment``."""
+    max_bad_share: float = share(0.01)
+    """A run stops once more than this share of a split's samples proved unusable (unreadable tar, missing member,
+    bad JSON, undecodable image); fewer are skipped, counted and reported."""
+    max_bad_count: int | None = at_least(0, None)
+    """The same limit as a number of samples; when set it replaces ``max_bad_share`` (0: stop at the first)."""
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 4e-5
+    lr: float = positive(3e-4)
+    betas: tuple[float, float] = share((0.9, 0.999), high_open=True)
+    eps: float = positive(1e-8)
+    weight_decay: float = ranged(4e-5, 0)
     adamw: bool = False
     """Decoupled weight decay (AdamW) instead of Adam's L2 penalty."""
-    bias_lr_factor: float = 2.0
+    bias_lr_factor: float = positive(2.0)
     """Biases (and LayerNorm / router scalars) get lr x this factor and no weight decay."""
-    warmup_epochs: float = 5.0
-    warmup_ratio: float | None = None
+    warmup_epochs: float = ranged(5.0, 0)
+    warmup_ratio: float | None = share(None, high_open=True)
     """Warm-up as a share of all steps (DASD: 0.1); when set it replaces ``warmup_epochs``."""
-    warmup_start_factor: float = 0.1
-    grad_clip: float = 0.0
+    warmup_start_factor: float = share(0.1)
+    grad_clip: float = ranged(0.0, 0)
     """Global gradient-norm clipping; 0 disables."""
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 60
-    batch_size: int = 128
+    epochs: int = at_least(1, 60)
+    batch_size: int = at_least(1, 128)
     """Global batch (captions) per optimiser step, summed over ranks and accumulation steps."""
-    grad_accum: int = 1
-    eval_batch_size: int = 256
+    grad_accum: int = at_least(1, 1)
+    eval_batch_size: int = at_least(1, 256)
     """Per-rank batch for feature extraction."""
-    max_steps: int | None = None
+    max_steps: int | None = at_least(1, None)
     """Stop after this many optimiser steps (smoke tests); the schedule still spans ``epochs``."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Fills ``bf16.enabled: "auto"`` in the DeepSpeed JSON: auto = bf16 on GPUs, fp32 on CPU."""
     seed: int = 1
     output_dir: str = "runs/dm_adapter"
-    eval_every: int = 1
+    eval_every: int = at_least(1, 1)
     """Evaluate on the validation split every N epochs."""
     eval_zero_shot: bool = True
     """Score the untrained model (adapters are the identity at init) on the test split first."""
-    checkpoint_every: int = 0
+    checkpoint_every: int = at_least(0, 0)
     """Also checkpoint every N optimiser steps (0: only at epoch ends)."""
-    keep_checkpoints: int = 2
-    log_every: int = 10
+    keep_checkpoints: int = at_least(1, 2)
+    log_every: int = at_least(1, 10)
+    collective_timeout: float = positive(600.0)
+    """Seconds a collective may wait for the other ranks before the run fails (a hung rank); a failed rank ends
+    the others within seconds whatever this is."""
 
 
 @dataclass
@@ -192,7 +238,8 @@ class RunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> None:
-        """Checks that need more than one field; world-size checks happen once it is known."""
+        """Checks that need more than one field (single values are checked against their ``Range`` as they are
+        read); world-size checks happen once it is known."""
         a = self.adapter
         if self.method == "dm_adapter" and a.router == "language":
             raise ConfigError("adapter.router 'language' is DASD's; DM-Adapter uses domain_aware, linear or dense")
@@ -213,14 +260,8 @@ class RunConfig:
         if a.router != "dense":
             if not 1 <= a.top_k <= a.num_experts:
                 raise ConfigError(f"adapter.top_k={a.top_k} must be between 1 and adapter.num_experts={a.num_experts}")
-            if a.ep_size < 1 or a.num_experts % a.ep_size:
+            if a.num_experts % a.ep_size:
                 raise ConfigError(f"adapter.ep_size={a.ep_size} must divide adapter.num_experts={a.num_experts}")
-        if min(self.model.image_size) <= 0 or self.model.text_length < 2:
-            raise ConfigError("model.image_size must be positive and model.text_length at least 2")
-        if not 0.0 <= self.loss.caption_corruption < 1.0:
-            raise ConfigError("loss.caption_corruption must be in [0, 1)")
-        if self.train.batch_size < 1 or self.train.grad_accum < 1 or self.train.epochs < 1:
-            raise ConfigError("train.batch_size, train.grad_accum and train.epochs must be positive")
         if not self.data.shards and not self.demo:
             raise ConfigError("data.shards is empty: point it at a directory written by tools/make_shards.py")
 
@@ -306,7 +347,8 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
@@ -315,7 +357,16 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
             hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown key '{full}'{hint}")
         kwargs[key] = _coerce(value, hints[key], full)
+        _check_range(kwargs[key], fields[key].metadata.get("range"), full)
     return cls(**kwargs)
+
+
+def _check_range(value: Any, allowed: Range | None, key: str) -> None:
+    if allowed is None or value is None:
+        return
+    for v in value if isinstance(value, tuple) else (value,):
+        if not allowed.contains(v):
+            raise ConfigError(f"{key}: {value!r} is out of range: must be {allowed}")
 
 
 def to_dict(cfg: Any) -> dict:
