@@ -10,6 +10,7 @@ score is low and the adapters have to learn the rest (trousers, bags, hats). Eac
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import re
@@ -95,6 +96,20 @@ def build_tiny_clip(out_dir: Path, tokenizer: PreTrainedTokenizerFast, seed: int
     model = CLIPModel(config)
     pretrain_clip(model, tokenizer, seed=seed)
     model.save_pretrained(out_dir)
+
+
+def prepare_demo_once(cfg: RunConfig) -> None:
+    """``prepare_demo`` by the first process of a launch that gets here; the others wait for it (a file lock, so
+    no collective has to wait minutes), then find the assets ready."""
+    demo_dir = Path(cfg.demo_dir)
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    with open(demo_dir / ".prepare.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[dsmoe] waiting for another process to prepare the demo assets in {demo_dir}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        prepare_demo(cfg)
 
 
 def prepare_demo(cfg: RunConfig) -> None:

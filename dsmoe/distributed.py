@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -45,9 +47,14 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """Start the process group (gloo on CPU, nccl on GPUs) and return (rank, world_size, local_rank)."""
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
+    """Start the process group (gloo on CPU, nccl on GPUs) and return (rank, world_size, local_rank).
+
+    Every collective, in the default group and in the groups DeepSpeed creates later (expert and data parallel),
+    fails after ``timeout_s`` seconds instead of torch's defaults (30 min gloo, 10 min NCCL).
+    """
     import deepspeed
+    from torch.distributed import distributed_c10d
 
     map_slurm_env()
     if "RANK" not in os.environ:  # plain `python ...`: a world of one
@@ -62,14 +69,29 @@ def init_distributed() -> tuple[int, int, int]:
                 f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one rank per GPU (deepspeed --num_gpus "
                 f"or --include, one Slurm task per GPU)")
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed()
+    timeout = timedelta(seconds=timeout_s)
+    # new_group() without a timeout takes these module defaults, not the default group's timeout
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(timeout=timeout)
+    release_shared_memory()
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
-def flag_tensor(value: int) -> torch.Tensor:
-    """A one-element tensor for a collective: on the GPU under NCCL (which reduces only CUDA tensors)."""
+def release_shared_memory() -> None:
+    """Unlink the name of this rank's DeepSpeed CPU all-reduce buffer (two per port and host otherwise stay in
+    /dev/shm, 69 MB each, after every run). Called once every rank has mapped every buffer (inside
+    ``deepspeed.init_distributed``), so the mappings stay valid until the processes end."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank() if dist.is_initialized() else 0}")
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
+def flag_tensor(*values: int) -> torch.Tensor:
+    """A small integer tensor for a collective: on the GPU under NCCL (which reduces only CUDA tensors)."""
     on_gpu = dist.is_initialized() and dist.get_backend() == "nccl"
-    return torch.tensor([value], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    return torch.tensor(values, device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
 
 
 def barrier() -> None:
@@ -77,9 +99,8 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown(clean: bool = True) -> None:
-    """Leave the process group; after an error skip the barrier (the other ranks may be gone)."""
+def shutdown() -> None:
+    """Leave the process group once every rank is done (after an error, ``FaultWatch.fail`` ends the process)."""
     if dist.is_initialized():
-        if clean:
-            dist.barrier()
+        dist.barrier()
         dist.destroy_process_group()

@@ -17,12 +17,17 @@ import yaml
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups
 
+from dsmoe import checkpoint as checkpoint_io
+from dsmoe import safe_checkpoint
+from dsmoe.checkpoint import complete_tag, resolve_checkpoint, write_text_atomic
 from dsmoe.config import DeviceSupport, RunConfig, compose_ds_config, resolve_precision, to_dict
 from dsmoe.distributed import flag_tensor
-from dsmoe.data.pipeline import TrainStreamConfig, batches_per_epoch, eval_loader, train_loader
+from dsmoe.data.faults import FaultLog, SampleFault, bad_sample_limit, summarize
+from dsmoe.data.pipeline import TrainStreamConfig, batches_per_epoch, eval_loader, read_split, train_loader
+from dsmoe.faults import RunError
 from dsmoe.methods.base import Method, get_method
 from dsmoe.portable import is_portable, load_portable
-from dsmoe.preemption import REQUEUE, PreemptionWatch
+from dsmoe.preemption import REQUEUE, STOP, PreemptionWatch
 from dsmoe.run_log import RunLogger
 
 
@@ -62,40 +67,16 @@ def check_expert_placement(ep_size: int) -> None:
     assert dist.get_rank(group=group) == dist.get_rank() % ep_size, "unexpected expert-parallel rank layout"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# checkpoints: DeepSpeed's files per tag, a COMPLETE marker, and pointer files swapped atomically
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def complete_tag(ckpt_root: Path, pointer: str = "latest") -> str | None:
-    """The tag a pointer file names, if that checkpoint is complete."""
-    pointer_file = ckpt_root / pointer
-    if not pointer_file.is_file():
-        return None
-    tag = pointer_file.read_text().strip()
-    return tag if (ckpt_root / tag / "COMPLETE").is_file() else None
-
-
-def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """A run directory, a checkpoints directory or one tag directory -> (checkpoints dir, tag)."""
-    path = Path(path)
-    for root in (path / "checkpoints", path):
-        for pointer in ("best", "latest"):
-            tag = complete_tag(root, pointer)
-            if tag:
-                return root, tag
-    if (path / "COMPLETE").is_file():
-        return path.parent, path.name
-    raise FileNotFoundError(f"no complete checkpoint at {path} (looked for checkpoints/best, checkpoints/latest "
-                            f"and a tag directory with a COMPLETE marker)")
-
-
-# ---------------------------------------------------------------------------------------------------------------
+def load_checkpoint(engine, root: Path, tag: str, cfg: RunConfig, **kwargs):
+    """``engine.load_checkpoint`` (trainable tensors only); when the saved tensors do not fit the model, one error
+    that names the config values the checkpoint was trained with."""
+    try:
+        return engine.load_checkpoint(str(root), tag, load_module_strict=False, **kwargs)
+    except (RuntimeError, FileNotFoundError) as exc:
+        message = checkpoint_io.mismatch_message(root, tag, to_dict(cfg), exc)
+        if message is None:
+            raise
+        raise RunError(message) from None
 
 
 @dataclass
@@ -126,6 +107,7 @@ class Evaluator:
         self.model = engine.module
         self.dtype = engine_dtype(engine)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.missing: dict[str, dict[str, SampleFault]] = {}  # split -> unusable samples (every rank's)
 
     def _lockstep(self, batches: Iterable[dict], dummy: dict) -> Iterator[tuple[dict, bool]]:
         """Yield (batch, real) until every rank is done; a finished rank runs ``dummy`` so MoE collectives match."""
@@ -156,7 +138,12 @@ class Evaluator:
         loader = eval_loader(cfg.data.eval_shards or cfg.data.shards, split, cfg.model.image_size, self.rank,
                              self.world_size, cfg.train.eval_batch_size, cfg.data.workers, language)
         dummy_image = {"image": torch.zeros(1, 3, h, w), "pid": torch.zeros(1, dtype=torch.long), "captions": []}
+        faults: list[SampleFault] = []
         for batch, real in self._lockstep(loader, dummy_image):
+            if real:
+                faults += batch["faults"]
+                if batch["image"] is None:  # nothing usable in this batch: the dummy keeps MoE collectives matched
+                    batch, real = dummy_image, False
             feats = self.model.encode_image(batch["image"].to(self.device, self.dtype)).float().cpu()
             if real:
                 images.append(feats)
@@ -173,10 +160,29 @@ class Evaluator:
                 texts.append(feats)
                 text_labels.append(torch.tensor(labels))
         self.engine.train()
-        local = [_cat(images, 1), _cat(image_labels), _cat(texts, 1), _cat(text_labels)]
+        local = [_cat(images, 1), _cat(image_labels), _cat(texts, 1), _cat(text_labels), faults]
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, local)
+        self._check_missing(split, [f for g in gathered for f in g[4]])
         return tuple(torch.cat([g[i] for g in gathered if g[i].numel()]) for i in range(4))
+
+    def _check_missing(self, split: str, faults: list[SampleFault]) -> None:
+        """Remember the split's unusable samples; past the run's limit, stop (on every rank alike)."""
+        data = self.cfg.data
+        self.missing[split] = {f.identity: f for f in faults}
+        samples = read_split(data.eval_shards or data.shards, split).samples
+        limit = bad_sample_limit(data.max_bad_share, data.max_bad_count, samples)
+        if len(faults) > limit:
+            raise RunError(f"{len(faults)} of {samples} samples of the evaluation split '{split}' are unusable, more "
+                           f"than the limit of {limit} (data.max_bad_share / data.max_bad_count):\n  "
+                           + "\n  ".join(summarize(faults)))
+
+    def completeness(self, split: str) -> dict:
+        """What the last evaluation of ``split`` left out: scores over fewer queries are not comparable."""
+        faults = self.missing.get(split, {})
+        if not faults:
+            return {}
+        return {"incomplete": {"missing_samples": len(faults), "reasons": summarize(faults.values())}}
 
 
 def _cat(parts: list[torch.Tensor], width: int | None = None) -> torch.Tensor:
@@ -209,6 +215,7 @@ class Trainer:
             model=model, model_parameters=param_groups(model, cfg), config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s: lr_factor(s, warmup, total_steps, cfg.optim.warmup_start_factor)))
+        safe_checkpoint.install(self.engine)
         self.ep_size = cfg.adapter.ep_size if cfg.adapter.router != "dense" else 1
         check_expert_placement(self.ep_size)
         self.model = self.engine.module
@@ -218,9 +225,18 @@ class Trainer:
         self.started_from = portable_init
         self.log = RunLogger(self.run_dir, rank, cfg, enabled_wandb=cfg.wandb.enabled)
         self.preemption = PreemptionWatch()
+        train = read_split(cfg.data.shards, cfg.data.train_split)
+        self.faults = FaultLog(cfg.data.train_split, train.samples,
+                               bad_sample_limit(cfg.data.max_bad_share, cfg.data.max_bad_count, train.samples))
 
     def evaluate(self, split: str) -> dict[str, float]:
-        return self.method.evaluate(self.evaluator, split)
+        metrics = self.method.evaluate(self.evaluator, split)
+        incomplete = self.evaluator.completeness(split)
+        if incomplete:
+            self.log.info(f"WARNING: split '{split}' was scored without {incomplete['incomplete']['missing_samples']} "
+                          f"unusable samples; its scores are not comparable with the full split's:\n  "
+                          + "\n  ".join(incomplete["incomplete"]["reasons"]))
+        return {**metrics, **incomplete}
 
     # -- set-up -------------------------------------------------------------------------------------------------
 
@@ -229,6 +245,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+            checkpoint_io.remove_staging(self.ckpt_root)
 
     def resume(self, spec: str | None) -> bool:
         """``auto``: the newest complete checkpoint of this run, if any; otherwise a path."""
@@ -242,19 +259,19 @@ class Trainer:
             root = self.ckpt_root
         else:
             root, tag = resolve_checkpoint(spec)
-        marker = json.loads((root / tag / "COMPLETE").read_text()) if (root / tag / "COMPLETE").is_file() else {}
+        marker = checkpoint_io.read_marker(root, tag)
         layout = {"world_size": self.world_size, "ep_size": self.ep_size}
         saved = {k: marker.get(k, layout[k]) for k in layout}
         same = saved == layout
         if not same:
             self.log.info(f"WARNING: {root / tag} was saved with {saved}, this run has {layout}: loading the weights "
                           f"(experts resharded) and progress; the optimiser state restarts and the data order changes")
-        _, client = self.engine.load_checkpoint(str(root), tag, load_module_strict=False,
-                                                load_optimizer_states=same)
+        _, client = load_checkpoint(self.engine, root, tag, self.cfg, load_optimizer_states=same)
         if client is None or "progress" not in client:
-            raise RuntimeError(f"checkpoint {root / tag} could not be loaded or has no training progress")
+            raise RunError(f"checkpoint {root / tag} could not be loaded or has no training progress")
         self.progress = Progress(**client["progress"])
         self.method.load_state_dict(client.get("method", {}))
+        self.faults.load_state_dict(client.get("bad_samples", []))
         self.log.info(f"resumed from {root / tag}: epoch {self.progress.epoch}, batch {self.progress.batch}, "
                       f"step {self.engine.global_steps}")
         return True
@@ -264,25 +281,31 @@ class Trainer:
         if is_portable(path):
             raise AssertionError("portable files are loaded before deepspeed.initialize (Trainer portable_init)")
         root, tag = resolve_checkpoint(path)
-        self.engine.load_checkpoint(str(root), tag, load_module_strict=False, load_optimizer_states=False,
-                                    load_lr_scheduler_states=False, load_module_only=True)
+        load_checkpoint(self.engine, root, tag, self.cfg, load_optimizer_states=False,
+                        load_lr_scheduler_states=False, load_module_only=True)
         self.started_from = str(root / tag)
         self.log.info(f"initialised the trainable weights from {root / tag}")
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
     def save(self, tag: str) -> None:
-        """Save on every rank; mark complete and move the ``latest`` pointer only when all files are written."""
+        """Save on every rank into a staging folder; when every rank has written its files, mark it complete, give
+        it its name and move the ``latest`` pointer. A failed write removes the staging folder."""
+        self._merge_faults()
         state = {"progress": self.progress.__dict__, "global_step": self.engine.global_steps,
-                 "method": self.method.state_dict()}
-        self.engine.save_checkpoint(str(self.ckpt_root), tag, client_state=state, save_latest=False,
-                                    exclude_frozen_parameters=True)
+                 "method": self.method.state_dict(), "bad_samples": self.faults.state_dict()}
+        staging = checkpoint_io.STAGING_PREFIX + tag
+        try:
+            self.engine.save_checkpoint(str(self.ckpt_root), staging, client_state=state, save_latest=False,
+                                        exclude_frozen_parameters=True)
+        except BaseException:
+            shutil.rmtree(self.ckpt_root / staging, ignore_errors=True)
+            raise
         dist.barrier()
         if self.rank == 0:
             marker = {"time": time.time(), "progress": self.progress.__dict__, "global_step": self.engine.global_steps,
-                      "world_size": self.world_size, "ep_size": self.ep_size}
-            (self.ckpt_root / tag / "COMPLETE").write_text(json.dumps(marker))
-            _write_atomic(self.ckpt_root / "latest", tag)
+                      "world_size": self.world_size, "ep_size": self.ep_size, "config": to_dict(self.cfg)}
+            checkpoint_io.publish(self.ckpt_root, staging, tag, json.dumps(marker))
             self._prune()
         dist.barrier()
 
@@ -295,7 +318,7 @@ class Trainer:
 
     def mark_best(self, tag: str) -> None:
         if self.rank == 0:
-            _write_atomic(self.ckpt_root / "best", tag)
+            checkpoint_io.write_pointer(self.ckpt_root, "best", tag)
         dist.barrier()
 
     # -- the loop -----------------------------------------------------------------------------------------------
@@ -319,10 +342,12 @@ class Trainer:
         stream = self.stream_config()
         stopped = False
         while prog.epoch < cfg.train.epochs and not stopped:
-            loader = train_loader(stream, self.method.train_texts(), prog.epoch, prog.batch, cfg.data.workers)
+            loader = train_loader(stream, self.method.train_texts(), prog.epoch, prog.batch, cfg.data.workers,
+                                  self.faults.known_bad())
             bar = self.log.progress(total=self.micro_batches_per_epoch, initial=prog.batch,
                                     desc=f"epoch {prog.epoch + 1}/{cfg.train.epochs}")
             for batch in loader:
+                self.faults.add(batch.pop("faults"))
                 batch = {k: v.to(self.device, dtype=self.dtype) if k == "image" else v.to(self.device)
                          for k, v in batch.items()}
                 out = self.engine(batch)
@@ -332,11 +357,14 @@ class Trainer:
                 bar.update(1)
                 step = self.engine.global_steps
                 boundary = prog.batch % cfg.train.grad_accum == 0
+                if boundary:
+                    request, bad_samples = self._agree()
+                    self._check_faults(bad_samples, log_now=step % cfg.train.log_every == 0)
                 if boundary and step % cfg.train.log_every == 0:
-                    self._log_step(out, step)
+                    self._log_step(out, step, bad_samples)
                 if boundary and cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     self.save(f"step{step:08d}")
-                if boundary and (request := self.preemption.agreed()):
+                if boundary and request:
                     return self.stop_for_preemption(request)
                 if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
                     stopped = True
@@ -365,9 +393,41 @@ class Trainer:
         self.log.close()
         return {"preempted": True, "checkpoint": tag}
 
-    def _log_step(self, out: dict, step: int) -> None:
+    def _agree(self) -> tuple[int, int]:
+        """The loop's one collective per optimiser step: (the strongest preemption request any rank received, the
+        number of distinct unusable training samples found by all ranks)."""
+        state = self.preemption.state
+        flags = flag_tensor(int(state == STOP), int(state == REQUEUE), len(self.faults.found))
+        if dist.is_initialized():
+            dist.all_reduce(flags)
+        stop, requeue, found = flags.tolist()
+        return (REQUEUE if requeue else STOP if stop else 0), len(self.faults.known) + found
+
+    def _check_faults(self, total: int, log_now: bool) -> None:
+        """Report newly found unusable samples at log steps; stop every rank once there are too many."""
+        over = self.faults.over_limit(total)
+        if total > len(self.faults.known) and (log_now or over):
+            self._merge_faults()
+        if over:
+            raise RunError(self.faults.limit_message(total))
+
+    def _merge_faults(self) -> None:
+        """Every rank learns what the others found (a collective); rank 0 reports the new ones."""
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, self.faults.found)
+        new = self.faults.merge(gathered)
+        if new:
+            total, limit = len(self.faults.known), self.faults.limit
+            self.log.info(f"skipped {len(new)} unusable training samples ({total} so far, the run stops past "
+                          f"{limit}):\n  " + "\n  ".join(summarize(new)))
+            self.log.metrics({"event": "bad_samples", "split": self.faults.split, "step": self.engine.global_steps,
+                              "new": len(new), "total": total, "limit": limit, "reasons": summarize(new)})
+
+    def _log_step(self, out: dict, step: int, bad_samples: int) -> None:
         record = {"step": step, "epoch": self.progress.epoch, **self.method.scalars(out),
                   "lr": self.scheduler.get_last_lr()[0]}
+        if bad_samples:
+            record["bad_samples"] = bad_samples
         if self.engine.fp16_enabled():  # dynamic loss scaling: steps with inf/nan gradients are skipped
             record.update(loss_scale=float(self.optimizer.loss_scale), skipped_steps=self.engine.skipped_steps)
         self.log.metrics(record, routing=self.model.expert_counts())
@@ -394,8 +454,8 @@ class Trainer:
         if cfg.data.val_split and prog.best_tag:
             selection = f"best validation {self.method.selection_metric} ({prog.best_tag})"
             if prog.best_tag != complete_tag(self.ckpt_root, "latest"):
-                self.engine.load_checkpoint(str(self.ckpt_root), prog.best_tag, load_module_strict=False,
-                                            load_optimizer_states=False, load_lr_scheduler_states=False)
+                load_checkpoint(self.engine, self.ckpt_root, prog.best_tag, cfg, load_optimizer_states=False,
+                                load_lr_scheduler_states=False)
         test = self.evaluate(cfg.data.test_split)
         results = {"model_selection": selection, "zero_shot": prog.zero_shot, "test": test,
                    "start_label": "untrained" if not self.started_from else "at start",
@@ -404,7 +464,7 @@ class Trainer:
         self.log.metrics({"event": "test", **test})
         self.method.on_finish(self.model, self.run_dir, self.rank)
         if self.rank == 0:
-            _write_atomic(self.run_dir / "results.json", json.dumps(results, indent=2))
+            write_text_atomic(self.run_dir / "results.json", json.dumps(results, indent=2))
             self.log.info(format_results(results, self.method.report_metrics))
         self.log.close()
         return results
@@ -443,10 +503,11 @@ def load_for_inference(cfg: RunConfig, checkpoint: str | Path, ep_size: int | No
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                  "bf16": {"enabled": precision == "bf16"}, "zero_optimization": {"stage": 0}}
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    safe_checkpoint.install(engine)
     if not is_portable(checkpoint):
         root, tag = resolve_checkpoint(checkpoint)
-        engine.load_checkpoint(str(root), tag, load_module_strict=False, load_optimizer_states=False,
-                               load_lr_scheduler_states=False, load_module_only=True)
+        load_checkpoint(engine, root, tag, cfg, load_optimizer_states=False, load_lr_scheduler_states=False,
+                        load_module_only=True)
         source = str(root / tag)
     return method, engine, source
 

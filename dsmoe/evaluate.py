@@ -14,6 +14,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsmoe.cli import add_common_arguments  # noqa: E402
+from dsmoe.checkpoint import check_checkpoint  # noqa: E402
 from dsmoe.config import ConfigError, load_config  # noqa: E402
 
 
@@ -33,24 +34,22 @@ def main(argv: list[str] | None = None) -> int:
             config = candidate
     try:
         cfg = load_config(config, args.set)
-    except ConfigError as exc:
+        check_checkpoint(args.checkpoint)
+    except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     from dsmoe import distributed
     from dsmoe.engine import evaluate_checkpoint
+    from dsmoe.faults import FaultWatch
 
-    rank, _, local_rank = distributed.init_distributed()
+    rank, world_size, local_rank = distributed.init_distributed(cfg.train.collective_timeout)
+    watch = FaultWatch(rank, world_size)
     try:
         metrics = evaluate_checkpoint(cfg, args.checkpoint, args.split or cfg.data.test_split, local_rank)
-    except FileNotFoundError as exc:  # a wrong --checkpoint path: the same on every rank
-        distributed.shutdown()
-        if rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except BaseException:
-        distributed.shutdown(clean=False)
-        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure ends every rank (see dsmoe.faults)
+        watch.fail(exc)
+    watch.stop()
     if rank == 0:
         text = json.dumps(metrics, indent=2)
         print(text)

@@ -13,7 +13,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dsmoe.checkpoint import check_checkpoint  # noqa: E402
 from dsmoe.config import ConfigError, load_config  # noqa: E402
+from dsmoe.distributed import launched_world_size as distributed_world_size  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,27 +34,25 @@ def main(argv: list[str] | None = None) -> int:
                                   if p.is_file()), None)
     try:
         cfg = load_config(config, args.set)
-    except ConfigError as exc:
+        if distributed_world_size() != 1:
+            raise ConfigError("run the export in a single process (python -m dsmoe.export)")
+        check_checkpoint(args.checkpoint)
+    except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     from dsmoe import distributed
     from dsmoe.engine import load_for_inference
+    from dsmoe.faults import FaultWatch
     from dsmoe.portable import save_portable
 
-    distributed.init_distributed()
+    distributed.init_distributed(cfg.train.collective_timeout)
+    watch = FaultWatch(0, 1)
     try:
-        if distributed.launched_world_size() != 1:
-            raise ConfigError("run the export in a single process (python -m dsmoe.export)")
         _, engine, source = load_for_inference(cfg, args.checkpoint, ep_size=1)
         path = save_portable(engine.module, cfg, args.output, source)
-    except (ConfigError, FileNotFoundError) as exc:
-        distributed.shutdown()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except BaseException:
-        distributed.shutdown(clean=False)
-        raise
+    except BaseException as exc:  # noqa: BLE001
+        watch.fail(exc)
     distributed.shutdown()
     print(f"wrote {path} and {path.with_suffix('.yaml')} from {source}")
     return 0

@@ -1,9 +1,9 @@
 """Preemption: Slurm's warning signal before a time limit makes every rank save and the job requeue itself.
 
-``#SBATCH --signal=USR1@120`` delivers SIGUSR1 to every task two minutes before the limit. Each rank only sets
-a flag in the handler; at the next optimiser step the ranks agree (one all-reduce) so all of them save the same
-checkpoint, then rank 0 runs ``scontrol requeue $SLURM_JOB_ID`` and the job exits. The requeued job keeps its id,
-finds the checkpoint in its run directory and continues (``--resume auto``). SIGTERM (scancel, preemption
+``#SBATCH --signal=USR1@300`` delivers SIGUSR1 to every task five minutes before the limit. Each rank only sets
+a flag in the handler; at the next optimiser step the ranks agree (the training loop's one all-reduce per step)
+so all of them save the same checkpoint, then rank 0 runs ``scontrol requeue $SLURM_JOB_ID`` and the job exits.
+The requeued job keeps its id, finds the checkpoint in its run directory and continues (``--resume auto``). SIGTERM (scancel, preemption
 without warning) saves too but does not requeue.
 """
 from __future__ import annotations
@@ -11,10 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-
-import torch.distributed as dist
-
-from dsmoe.distributed import flag_tensor
 
 REQUEUE, STOP = 2, 1
 
@@ -30,13 +26,6 @@ class PreemptionWatch:
 
     def _on_stop(self, signum, frame) -> None:
         self.state = max(self.state, STOP)
-
-    def agreed(self) -> int:
-        """0, STOP or REQUEUE: the strongest request any rank received (a collective: call on every rank)."""
-        flag = flag_tensor(self.state)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
 
     @staticmethod
     def requeue() -> str:

@@ -18,7 +18,7 @@ from dsmoe.config import (ConfigError, DeviceSupport, RunConfig, compose_ds_conf
                           load_ds_config, stage_configs)
 from dsmoe.data.pipeline import read_split  # noqa: E402
 from dsmoe.distributed import launched_world_size  # noqa: E402
-from dsmoe.engine import complete_tag  # noqa: E402
+from dsmoe.checkpoint import complete_tag, read_marker  # noqa: E402
 from dsmoe.portable import is_portable  # noqa: E402
 
 
@@ -55,15 +55,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from dsmoe import distributed
+    if cfg.demo:  # before the process group: no collective waits while the assets are built
+        from dsmoe.demo import prepare_demo_once
 
-    rank, world_size, local_rank = distributed.init_distributed()
+        prepare_demo_once(cfg)
+
+    from dsmoe import distributed
+    from dsmoe.faults import FaultWatch
+
+    rank, world_size, local_rank = distributed.init_distributed(cfg.train.collective_timeout)
     assert world_size == launched_world_size(), "the process group disagrees with the launcher's WORLD_SIZE"
+    watch = FaultWatch(rank, world_size)
     try:
         run(cfg, ds_config, args.resume, rank, world_size, local_rank, args.init_from)
-    except BaseException:
-        distributed.shutdown(clean=False)
-        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure ends every rank (see dsmoe.faults)
+        watch.fail(exc)
+    watch.stop()
     distributed.shutdown()
     return 0
 
@@ -78,23 +85,15 @@ def finished_results(cfg: RunConfig) -> str | None:
     results = root / "results.json"
     if tag is None or not results.is_file():
         return None
-    marker = json.loads((root / "checkpoints" / tag / "COMPLETE").read_text())
-    if marker["progress"]["epoch"] < cfg.train.epochs:
+    if read_marker(root / "checkpoints", tag)["progress"]["epoch"] < cfg.train.epochs:
         return None
     return format_results(json.loads(results.read_text()), get_method(cfg).report_metrics)
 
 
 def run(cfg: RunConfig, ds_config: dict, resume: str, rank: int, world_size: int, local_rank: int,
         init_from: str | None = None) -> None:
-    from dsmoe import distributed
     from dsmoe.engine import Trainer
 
-    if cfg.demo:
-        if rank == 0:
-            from dsmoe.demo import prepare_demo
-
-            prepare_demo(cfg)
-        distributed.barrier()
     stages = stage_configs(cfg)
     for index, stage in enumerate(stages):
         start = init_from if index == 0 and init_from else stage.dasd.init_from if stage.method == "dasd" else None

@@ -37,6 +37,8 @@ def dist_env() -> None:
     import deepspeed
     import torch.distributed as dist
 
+    from dsmoe.distributed import release_shared_memory
+
     if not dist.is_initialized():
         # The shared-memory op that init_distributed JIT-builds is cached per virtual environment: checkouts with
         # other venvs sharing ~/.cache/torch_extensions would otherwise invalidate each other's build (~30 s each).
@@ -46,6 +48,7 @@ def dist_env() -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
         deepspeed.init_distributed()
+        release_shared_memory()
     assert dist.is_initialized() and dist.get_world_size() == 1
     yield
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,13 @@ from pathlib import Path
 from dsmoe.config import REPO_ROOT
 
 LAUNCH_TIMEOUT = 600
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a launcher's --master_port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def launch_env() -> dict[str, str]:

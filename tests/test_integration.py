@@ -63,6 +63,14 @@ def test_train_checkpoint_resume_evaluate(demo_assets, tmp_path):
     for key in ("R1", "R5", "R10", "mAP", "mINP"):
         assert single[key] == pytest.approx(results["test"][key], abs=1e-3)
 
+    # a config whose experts do not fit the checkpoint: one error naming the key, no traceback
+    proc = subprocess.run([sys.executable, "-m", "dsmoe.evaluate", "--checkpoint", str(resumed), "--set",
+                           "adapter.num_experts=4"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "does not fit the model of this config" in proc.stderr
+    assert "adapter.num_experts: 6 in the checkpoint, 4 here" in proc.stderr
+
 
 def test_killed_run_resumes_from_last_checkpoint(demo_assets, tmp_path):
     run_dir = tmp_path / "killed"

@@ -7,6 +7,10 @@ buffer, and yields a fixed number of batches per epoch, so every rank takes the 
 skips the batches it already took (before any image is decoded) and continues on the same data.
 
 Evaluation: every image and caption of a split is read exactly once across all ranks.
+
+Unusable samples (see ``dsmoe.data.faults``) are skipped and travel with the batches as ``faults`` for the loop to
+count. An image that does not decode is replaced by the next pair of the stream; its key goes into the known-bad
+set that a resumed stream skips without decoding, so it replays exactly the batches the interrupted run took.
 """
 from __future__ import annotations
 
@@ -14,14 +18,16 @@ import hashlib
 import json
 import random
 import signal
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from dsmoe.data.faults import SampleError, SampleFault
 from dsmoe.data.text import CaptionEncoder
 from dsmoe.data.transforms import decode_rgb, eval_transform, train_transform
 
@@ -33,6 +39,7 @@ class SplitInfo:
     shards: list[Path]
     samples: int
     captions: int
+    shard_samples: list[int]  # samples of each shard, as its manifest lists them
 
 
 def read_split(shard_dir: str | Path, split: str, language: str = LANGUAGE) -> SplitInfo:
@@ -49,7 +56,8 @@ def read_split(shard_dir: str | Path, split: str, language: str = LANGUAGE) -> S
     if missing:
         raise FileNotFoundError(f"{manifest_path} lists shards that do not exist: {missing[:3]}")
     return SplitInfo(shards=shards, samples=int(manifest["samples"]),
-                     captions=int(manifest["captions"].get(language, 0)))
+                     captions=int(manifest["captions"].get(language, 0)),
+                     shard_samples=[int(s["samples"]) for s in manifest["shards"]])
 
 
 def sample_label(meta: dict) -> int:
@@ -60,12 +68,29 @@ def sample_label(meta: dict) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-def _media(sample: dict, meta: dict) -> bytes | list[bytes] | None:
-    """The image bytes of a sample, or the list of its frames' bytes for a video (json ``frames``: N)."""
+def sample_content(sample: dict, need_media: bool) -> tuple[dict, bytes | list[bytes] | None]:
+    """(parsed json, image bytes or a video's frame bytes) of a raw tar sample; ``SampleError`` says what is wrong."""
+    if "json" not in sample:
+        raise SampleError("no .json member")
+    try:
+        meta = json.loads(sample["json"])
+    except ValueError as exc:
+        raise SampleError(f"its .json does not parse: {exc}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("captions"), dict):
+        raise SampleError("its .json has no captions")
+    if "pid" not in meta and "image_id" not in meta:
+        raise SampleError("its .json has neither pid nor image_id")
+    if not need_media:
+        return meta, None
     frames = int(meta.get("frames", 0))
     if frames:
-        return [sample[f"frame{i:02d}.jpg"] for i in range(frames)]
-    return sample.get("jpg")
+        missing = [i for i in range(frames) if f"frame{i:02d}.jpg" not in sample]
+        if missing:
+            raise SampleError(f"video frames {missing} missing")
+        return meta, [sample[f"frame{i:02d}.jpg"] for i in range(frames)]
+    if "jpg" not in sample:
+        raise SampleError("no .jpg member")
+    return meta, sample["jpg"]
 
 
 def _decode(media: bytes | list[bytes], transform) -> torch.Tensor:
@@ -75,9 +100,38 @@ def _decode(media: bytes | list[bytes], transform) -> torch.Tensor:
     return transform(decode_rgb(media))
 
 
-def _raw_samples(shards: list[Path]) -> Iterator[dict]:
-    """Raw tar samples (bytes per member) in shard order; members are never unpickled."""
-    yield from wds.tarfile_to_samples()(iter([{"url": str(p)} for p in shards]))
+def shard_samples(path: Path, expected: int, faults: list[SampleFault],
+                  owns=lambda position: True) -> Iterator[tuple[int, dict]]:
+    """(position, raw sample) of one shard, in order; members are never unpickled.
+
+    Whatever stops the tar short (truncation, garbage, an empty file) ends the shard: each of its ``expected``
+    samples not read becomes a fault, for the positions ``owns`` says are this reader's.
+    """
+    name = Path(str(path)).name
+    position, error = 0, ""
+    try:
+        with open(path, "rb") as stream:
+            current: dict | None = None
+            for member in tar_file_iterator(stream):
+                key, ext = base_plus_ext(member["fname"])
+                if key is None:
+                    continue
+                if current is not None and key != current["__key__"]:
+                    yield position, current
+                    position += 1
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__shard__": name}
+                current[ext.lower()] = member["data"]
+            if current is not None:
+                yield position, current
+                position += 1
+    except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
+        error = f" ({type(exc).__name__}: {str(exc).split(' @ ')[0]})"
+    problem = f"unreadable: the tar ends after {position} of {expected} samples{error}"
+    if position > expected and owns(expected):
+        faults.append(SampleFault(name, expected, f"the shard holds {position} samples, its manifest {expected}"))
+    faults.extend(SampleFault(name, p, problem) for p in range(position, expected) if owns(p))
 
 
 def _slot() -> tuple[int, int]:
@@ -146,51 +200,85 @@ class TranslationPairs:
                 "language": torch.tensor([payload[2] for _, _, payload in items])}
 
 
+class Pair(NamedTuple):
+    """One training pair before decoding: where it comes from, its media bytes, label and text payload."""
+
+    key: str
+    c: object  # which caption of the sample (index, or language + index)
+    media: bytes | list[bytes] | None
+    label: int
+    payload: object
+    shard: str
+    position: int
+
+
 class TrainStream(IterableDataset):
     """Micro-batches for one rank and one epoch, starting after ``start_batch`` already-taken batches.
 
     ``texts`` turns a sample's captions into training pairs and a batch of pairs into tensors (``CaptionPairs``
     for DM-Adapter, ``TranslationPairs`` for DASD; a bare ``CaptionEncoder`` means ``CaptionPairs``).
+    ``known_bad``: identities of samples found unusable so far (``FaultLog.known_bad``).
     """
 
-    def __init__(self, cfg: TrainStreamConfig, texts, epoch: int, start_batch: int = 0):
+    def __init__(self, cfg: TrainStreamConfig, texts, epoch: int, start_batch: int = 0,
+                 known_bad: frozenset[str] = frozenset()):
         super().__init__()
         if isinstance(texts, CaptionEncoder):
             texts = CaptionPairs(texts, cfg.language, cfg.corruption)
         self.cfg, self.texts, self.epoch, self.start_batch = cfg, texts, epoch, start_batch
         self.info = read_split(cfg.shard_dir, cfg.split)
+        self.known_bad = set(known_bad)
+        self.faults: list[SampleFault] = []  # found since the last batch was yielded
 
-    def _pairs(self, slot: int, slots: int, cycle: int) -> Iterator[tuple]:
-        shards = list(self.info.shards)
+    def _pairs(self, slot: int, slots: int, cycle: int) -> Iterator[Pair]:
+        shards = list(zip(self.info.shards, self.info.shard_samples))
         _rng(self.cfg.seed, self.epoch, cycle, "shards").shuffle(shards)
         if len(shards) >= slots:
             shards, keep = shards[slot::slots], None
         else:
             keep = slot
-        for index, sample in enumerate(_raw_samples(shards)):
-            if keep is not None and index % slots != keep:
-                continue
-            meta = json.loads(sample["json"])
-            label = sample_label(meta)
-            media = _media(sample, meta) if self.cfg.load_images else None
-            for c, payload in self.texts.expand(meta):
-                yield sample["__key__"], c, media, label, payload
+        base = 0  # manifest index of the shard's first sample: a broken shard does not shift the ones after it
+        for path, expected in shards:
+            def owns(position: int, base: int = base) -> bool:
+                return keep is None or (base + position) % slots == keep
 
-    def _shuffled(self, slot: int, slots: int) -> Iterator[tuple]:
-        cycle = 0
+            for position, sample in shard_samples(path, expected, self.faults, owns):
+                if not owns(position):
+                    continue
+                try:
+                    meta, media = sample_content(sample, self.cfg.load_images)
+                except SampleError as exc:
+                    self.faults.append(SampleFault(sample["__shard__"], position, str(exc), sample["__key__"]))
+                    continue
+                label = sample_label(meta)
+                for c, payload in self.texts.expand(meta):
+                    yield Pair(sample["__key__"], c, media, label, payload, sample["__shard__"], position)
+            base += expected
+
+    def _shuffled(self, slot: int, slots: int) -> Iterator[Pair]:
+        """The slot's pairs in shuffled order, cycled; pairs of samples known to be unusable are left out."""
+        cycle, empty_cycles = 0, 0
         while True:  # cycle the slot's data until the epoch's fixed length is reached
             rng = _rng(self.cfg.seed, self.epoch, slot, cycle, "buffer")
-            buffer: list[tuple] = []
-            produced = False
+            buffer: list[Pair] = []
+            usable = False
             for pair in self._pairs(slot, slots, cycle):
-                produced = True
                 buffer.append(pair)
                 if len(buffer) >= self.cfg.shuffle_buffer:
-                    yield buffer.pop(rng.randrange(len(buffer)))
+                    pair = buffer.pop(rng.randrange(len(buffer)))
+                    if pair.key not in self.known_bad:
+                        usable = True
+                        yield pair
             rng.shuffle(buffer)
-            yield from buffer
-            if not produced:
-                raise RuntimeError(f"data slot {slot} of {slots} received no samples from {self.cfg.shard_dir}")
+            for pair in buffer:
+                if pair.key not in self.known_bad:
+                    usable = True
+                    yield pair
+            empty_cycles = 0 if usable else empty_cycles + 1
+            if empty_cycles > len(self.info.shards):  # each cycle deals the shards anew: give every shard a chance
+                found = f" ({len(self.faults)} unusable samples, e.g. {self.faults[0]})" if self.faults else ""
+                raise RuntimeError(f"data slot {slot} of {slots} received no usable samples from "
+                                   f"{self.cfg.shard_dir}{found}")
             cycle += 1
 
     def __iter__(self):
@@ -204,30 +292,50 @@ class TrainStream(IterableDataset):
         mine = range(role, cfg.batches_per_epoch, workers)
         skip = len(range(role, min(self.start_batch, cfg.batches_per_epoch), workers))
         pairs = self._shuffled(slot, slots)
-        for _ in range(skip * cfg.micro_batch):
-            next(pairs)
+        for _ in range(skip):  # the batches already taken, without decoding anything
+            self._take(pairs, decode=False)
         for _ in range(len(mine) - skip):
-            yield self._collate([next(pairs) for _ in range(cfg.micro_batch)])
+            batch = self._collate(*self._take(pairs, decode=cfg.load_images))
+            batch["faults"], self.faults = self.faults, []
+            yield batch
 
-    def _collate(self, pairs: list[tuple]) -> dict:
+    def _take(self, pairs: Iterator[Pair], decode: bool) -> tuple[list[Pair], list[torch.Tensor]]:
+        """The next micro-batch of usable pairs (and their decoded images): a pair whose image does not decode is
+        replaced by the next one, as are pairs of samples already known to be unusable."""
+        taken, images = [], []
+        while len(taken) < self.cfg.micro_batch:
+            pair = next(pairs)
+            if pair.key in self.known_bad:  # found undecodable earlier in this batch or a recent one
+                continue
+            if decode:
+                try:
+                    images.append(_decode(pair.media, self._transform(pair)))
+                except Exception as exc:  # noqa: BLE001 - PIL raises many types for undecodable images
+                    self.known_bad.add(pair.key)
+                    self.faults.append(SampleFault(pair.shard, pair.position,
+                                                   f"image does not decode ({type(exc).__name__}: {exc})", pair.key))
+                    continue
+            taken.append(pair)
+        return taken, images
+
+    def _transform(self, pair: Pair):
         cfg = self.cfg
-        batch = self.texts.collate([(key, c, payload) for key, c, _, _, payload in pairs],
-                                   lambda key, c: _rng(cfg.seed, self.epoch, key, c, "text"))
-        batch["pid"] = torch.tensor([p[3] for p in pairs])
-        if cfg.load_images:
-            images = []
-            for key, c, media, _, _ in pairs:
-                if cfg.augment:
-                    state = _rng(cfg.seed, self.epoch, key, c, "image").getstate()
+        if not cfg.augment:
+            return lambda img: eval_transform(img, cfg.image_size)
+        state = _rng(cfg.seed, self.epoch, pair.key, pair.c, "image").getstate()
 
-                    def transform(img, state=state):  # every frame of a video gets the same augmentation
-                        rng = random.Random()
-                        rng.setstate(state)
-                        return train_transform(img, cfg.image_size, rng, erasing_p=cfg.erasing_p)
-                else:
-                    def transform(img):
-                        return eval_transform(img, cfg.image_size)
-                images.append(_decode(media, transform))
+        def transform(img):  # every frame of a video gets the same augmentation
+            rng = random.Random()
+            rng.setstate(state)
+            return train_transform(img, cfg.image_size, rng, erasing_p=cfg.erasing_p)
+        return transform
+
+    def _collate(self, pairs: list[Pair], images: list[torch.Tensor]) -> dict:
+        cfg = self.cfg
+        batch = self.texts.collate([(p.key, p.c, p.payload) for p in pairs],
+                                   lambda key, c: _rng(cfg.seed, self.epoch, key, c, "text"))
+        batch["pid"] = torch.tensor([p.label for p in pairs])
+        if cfg.load_images:
             batch["image"] = torch.stack(images)
         return batch
 
@@ -247,8 +355,9 @@ def ignore_job_signals(_worker: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def train_loader(cfg: TrainStreamConfig, texts, epoch: int, start_batch: int, workers: int) -> DataLoader:
-    stream = TrainStream(cfg, texts, epoch, start_batch)
+def train_loader(cfg: TrainStreamConfig, texts, epoch: int, start_batch: int, workers: int,
+                 known_bad: frozenset[str] = frozenset()) -> DataLoader:
+    stream = TrainStream(cfg, texts, epoch, start_batch, known_bad)
     return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                       worker_init_fn=ignore_job_signals)
 
@@ -258,7 +367,8 @@ def train_loader(cfg: TrainStreamConfig, texts, epoch: int, start_batch: int, wo
 
 
 class EvalImages(IterableDataset):
-    """This rank's share of a split (sample i goes to rank i % world): (image, pid, key, captions)."""
+    """This rank's share of a split (sample i goes to rank i % world): (image, pid, key, captions) items, and a
+    ``SampleFault`` item for each unusable sample of that share."""
 
     def __init__(self, shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int,
                  language: str = LANGUAGE):
@@ -268,17 +378,37 @@ class EvalImages(IterableDataset):
 
     def __iter__(self):
         worker, workers = _slot()
-        for index, sample in enumerate(_raw_samples(self.info.shards)):
-            if index % self.world_size != self.rank or (index // self.world_size) % workers != worker:
-                continue
-            meta = json.loads(sample["json"])
-            image = _decode(_media(sample, meta), lambda img: eval_transform(img, self.image_size))
-            yield image, sample_label(meta), sample["__key__"], list(meta["captions"].get(self.language, []))
+        base = 0
+        for path, expected in zip(self.info.shards, self.info.shard_samples):
+            def owns(position: int, base: int = base) -> bool:
+                index = base + position
+                return index % self.world_size == self.rank and (index // self.world_size) % workers == worker
+
+            faults: list[SampleFault] = []
+            for position, sample in shard_samples(path, expected, faults, owns):
+                yield from faults
+                faults.clear()
+                if not owns(position):
+                    continue
+                try:
+                    meta, media = sample_content(sample, need_media=True)
+                    image = _decode(media, lambda img: eval_transform(img, self.image_size))
+                except Exception as exc:  # noqa: BLE001 - SampleError, or PIL's many types for undecodable images
+                    reason = str(exc) if isinstance(exc, SampleError) else \
+                        f"image does not decode ({type(exc).__name__}: {exc})"
+                    yield SampleFault(sample["__shard__"], position, reason, sample["__key__"])
+                    continue
+                yield image, sample_label(meta), sample["__key__"], list(meta["captions"].get(self.language, []))
+            yield from faults
+            base += expected
 
 
-def _collate_eval(items: list[tuple]) -> dict:
-    return {"image": torch.stack([i[0] for i in items]), "pid": torch.tensor([i[1] for i in items]),
-            "key": [i[2] for i in items], "captions": [i[3] for i in items]}
+def _collate_eval(items: list) -> dict:
+    faults = [i for i in items if isinstance(i, SampleFault)]
+    items = [i for i in items if not isinstance(i, SampleFault)]
+    images = torch.stack([i[0] for i in items]) if items else None
+    return {"image": images, "pid": torch.tensor([i[1] for i in items], dtype=torch.long),
+            "key": [i[2] for i in items], "captions": [i[3] for i in items], "faults": faults}
 
 
 def eval_loader(shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int,

@@ -1,0 +1,146 @@
+"""Checkpoint folders on disk: tags, the COMPLETE marker, the ``latest``/``best`` pointers, staging and resolving.
+
+A tag folder holds DeepSpeed's files for one step. It is written under a staging name, marked ``COMPLETE`` once
+every rank has written its files, renamed to its tag, and only then named by the ``latest`` (or ``best``) pointer
+file, which is replaced atomically: a crash at any moment leaves the pointers on complete checkpoints. This module
+touches only the filesystem (no torch), so entry points can check paths before they import anything heavy.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from dsmoe.faults import RunError
+
+STAGING_PREFIX = ".partial-"  # a folder being written; never a valid tag
+
+
+class CheckpointWriteError(RunError):
+    def __init__(self, path: str | Path, cause: BaseException):
+        self.path, self.cause = str(path), cause
+        no_space = isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+        what = "no space left on the device" if no_space else (
+            cause.strerror if isinstance(cause, OSError) and cause.strerror else f"{type(cause).__name__}: {cause}")
+        super().__init__(f"could not write {self.path}: {what}")
+
+
+def complete_tag(ckpt_root: Path, pointer: str = "latest") -> str | None:
+    """The tag a pointer file names, if that checkpoint is complete."""
+    pointer_file = ckpt_root / pointer
+    if not pointer_file.is_file():
+        return None
+    tag = pointer_file.read_text().strip()
+    return tag if (ckpt_root / tag / "COMPLETE").is_file() else None
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """A run directory, a checkpoints directory or one tag directory -> (checkpoints dir, tag)."""
+    path = Path(path)
+    for root in (path / "checkpoints", path):
+        for pointer in ("best", "latest"):
+            tag = complete_tag(root, pointer)
+            if tag:
+                return root, tag
+    if (path / "COMPLETE").is_file():
+        return path.parent, path.name
+    raise FileNotFoundError(f"no complete checkpoint at {path} (looked for checkpoints/best, checkpoints/latest "
+                            f"and a tag directory with a COMPLETE marker)")
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Raise ``FileNotFoundError`` unless ``path`` is a portable adapters file or holds a complete checkpoint."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"adapters file not found: {path}")
+        return
+    resolve_checkpoint(path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` at once (readers see the old or the new file, never a part)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(path, exc) from None
+
+
+def write_pointer(root: Path, pointer: str, tag: str) -> None:
+    write_text_atomic(root / pointer, tag)
+
+
+def publish(root: Path, staging: str, tag: str, marker: str) -> None:
+    """Mark the staging folder complete (``COMPLETE`` holds ``marker``), rename it to ``tag`` and point ``latest``
+    at it. A crash before the rename leaves only a staging folder, which ``remove_staging`` deletes later."""
+    folder = root / staging
+    try:
+        write_text_atomic(folder / "COMPLETE", marker)
+        final = root / tag
+        if final.exists():  # the same step saved again (a resumed run): the new copy replaces it
+            old = root / f"{STAGING_PREFIX}replaced-{tag}"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, final)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    write_pointer(root, "latest", tag)
+
+
+def remove_staging(root: Path) -> None:
+    """Delete staging folders left by runs that died while saving."""
+    for path in root.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_marker(root: Path, tag: str) -> dict:
+    """The COMPLETE marker of a checkpoint (empty for checkpoints written before markers had content)."""
+    try:
+        return json.loads((root / tag / "COMPLETE").read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+SHAPE_SECTIONS = ("model", "adapter", "dasd")  # config sections that decide the trainable tensors' shapes
+NOT_SHAPES = {"adapter.ep_size", "adapter.capacity_factor", "dasd.stage", "dasd.stages", "dasd.init_from",
+              "dasd.cla", "dasd.cma", "dasd.english", "dasd.consistency_weight", "dasd.adversarial_weight",
+              "dasd.discriminator_lr", "dasd.logit_scale", "adapter.image_scale", "adapter.text_scale"}
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
+        out.update(_flatten(value, name) if isinstance(value, dict) else {name: value})
+    return out
+
+
+def shape_differences(saved: dict, current: dict) -> list[str]:
+    """``key: saved -> current`` for the config values that shape the trainable tensors and differ."""
+    before = {k: v for s in SHAPE_SECTIONS for k, v in _flatten(saved.get(s, {}), s).items() if k not in NOT_SHAPES}
+    after = {k: v for s in SHAPE_SECTIONS for k, v in _flatten(current.get(s, {}), s).items() if k not in NOT_SHAPES}
+    return [f"{k}: {before.get(k)!r} in the checkpoint, {after.get(k)!r} here" for k in sorted(set(before) | set(after))
+            if before.get(k) != after.get(k)]
+
+
+def mismatch_message(root: Path, tag: str, current: dict, error: BaseException) -> str | None:
+    """A one-line explanation when loading ``root/tag`` failed because its tensors do not fit this model (wrong
+    sizes, missing expert files), else None."""
+    text = str(error)
+    sizes = re.findall(r"size mismatch for ([\w.]+): copying a param with shape torch.Size\((\[[^\]]*\])\) from "
+                       r"checkpoint, the shape in current model is torch.Size\((\[[^\]]*\])\)", text)
+    missing_expert = isinstance(error, FileNotFoundError) and "_expert_" in text
+    if not sizes and not missing_expert:
+        return None
+    what = "; ".join(f"{name}: {a} saved, {b} here" for name, a, b in sizes[:3]) if sizes else \
+        f"an expert file is missing ({Path(getattr(error, 'filename', None) or text).name})"
+    differences = shape_differences(read_marker(root, tag).get("config", {}), current)
+    why = f" The run was trained with other values of {'; '.join(differences)}." if differences else ""
+    return f"the checkpoint {root / tag} does not fit the model of this config ({what}).{why}"
