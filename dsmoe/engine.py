@@ -23,7 +23,8 @@ from dsmoe.checkpoint import complete_tag, resolve_checkpoint, write_text_atomic
 from dsmoe.config import DeviceSupport, RunConfig, compose_ds_config, resolve_precision, to_dict
 from dsmoe.distributed import flag_tensor
 from dsmoe.data.faults import FaultLog, SampleFault, bad_sample_limit, summarize
-from dsmoe.data.pipeline import TrainStreamConfig, batches_per_epoch, eval_loader, read_split, train_loader
+from dsmoe.data.pipeline import TrainStreamConfig, batches_per_epoch, eval_loader, train_loader
+from dsmoe.shards.format import read_split
 from dsmoe.faults import RunError
 from dsmoe.methods.base import Method, get_method
 from dsmoe.portable import is_portable, load_portable

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # started as a script (deepspeed dsmoe/train.py):
 from dsmoe.cli import add_common_arguments  # noqa: E402
 from dsmoe.config import (ConfigError, DeviceSupport, RunConfig, compose_ds_config, load_config,  # noqa: E402
                           load_ds_config, stage_configs)
-from dsmoe.data.pipeline import read_split  # noqa: E402
+from dsmoe.shards.format import read_split  # noqa: E402
 from dsmoe.distributed import launched_world_size  # noqa: E402
 from dsmoe.checkpoint import complete_tag, read_marker  # noqa: E402
 from dsmoe.portable import is_portable  # noqa: E402

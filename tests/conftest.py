@@ -73,7 +73,7 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised tiny ``CLIPModel`` and its word-level tokenizer, saved in one directory."""
     from transformers import CLIPConfig, CLIPModel
 
-    from dsmoe.demo import train_tokenizer
+    from dsmoe.demo.models import train_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-clip")
     tokenizer = train_tokenizer(TINY_CAPTIONS, out)

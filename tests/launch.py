@@ -1,7 +1,6 @@
 """Starting real training processes from tests: the deepspeed launcher with 2 CPU ranks, and their outputs."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -68,12 +67,3 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
 
 def latest_tag(run_dir: Path) -> str:
     return (run_dir / "checkpoints" / "latest").read_text().strip()
-
-
-def load_make_shards_cli():
-    """tools/make_shards.py as a module (it is a script, not part of the package), to call its main() in-process."""
-    spec = importlib.util.spec_from_file_location("make_shards_cli", REPO_ROOT / "tools" / "make_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module

@@ -15,7 +15,7 @@ TARGET_CAPTIONS = ["oder aa ni ot ka", "ka lu mi zo te ra", "ni po sa qe vu di z
 
 @pytest.fixture(scope="session")
 def tiny_mbert_dir(tmp_path_factory) -> Path:
-    from dsmoe.demo import build_tiny_mbert
+    from dsmoe.demo.models import build_tiny_mbert
 
     out = tmp_path_factory.mktemp("tiny-mbert")
     build_tiny_mbert(out, TARGET_CAPTIONS * 5)

@@ -17,12 +17,13 @@ import torch
 import faulty_shards as fs
 from dsmoe.config import REPO_ROOT, ConfigError, load_config
 from dsmoe.data.faults import FaultLog, SampleFault, bad_sample_limit, summarize
-from dsmoe.data.pipeline import EvalImages, TrainStream, TrainStreamConfig, read_split, train_loader
-from dsmoe.data.raw_formats import read_person_layout
-from dsmoe.data.shards import write_shards
-from dsmoe.data.synthetic import make_synthetic_pedes
+from dsmoe.data.pipeline import EvalImages, TrainStream, TrainStreamConfig, train_loader
+from dsmoe.shards.format import read_split
+from dsmoe.shards.layouts.person import read_person_layout
+from dsmoe.shards.writer import write_shards
+from dsmoe.demo.people import make_synthetic_pedes
 from dsmoe.data.text import CaptionEncoder
-from dsmoe.demo import train_tokenizer
+from dsmoe.demo.models import train_tokenizer
 from launch import free_port, launch_env
 
 IMAGE_SIZE = (32, 16)

@@ -109,7 +109,8 @@ def test_config_errors_fail_before_launching_ranks(tmp_path):
 def dasd_assets(demo_assets, tmp_path_factory) -> dict[str, str]:
     """A small Multi30K-layout set (en + two made-up languages), its shards and a tiny "mBERT"; the English side
     reuses the person demo's tiny CLIP (same caption generator, same vocabulary)."""
-    from dsmoe.demo import DEMO_LANGUAGES, build_tiny_mbert, make_synthetic_multi30k
+    from dsmoe.demo.models import build_tiny_mbert
+    from dsmoe.demo.multi30k import DEMO_LANGUAGES, make_synthetic_multi30k
 
     root = tmp_path_factory.mktemp("dasd")
     raw = make_synthetic_multi30k(root / "raw", splits={"train": 64, "val": 16, "test_2016_flickr": 24})

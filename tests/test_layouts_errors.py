@@ -9,19 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from dsmoe.data import shards as shards_module
-from dsmoe.data import synthetic_crosslingual as synth
-from dsmoe.data.layouts.captions import parse_caption_file
-from dsmoe.data.layouts.multi30k import read_multi30k
-from dsmoe.data.raw_formats import RawFormatError, read_lines
-from dsmoe.data.shards import verify_shards, write_shards
-from launch import load_make_shards_cli
-
-
-
-
-
-CLI = load_make_shards_cli()
+from dsmoe.shards import workers as shard_workers
+import synthetic_crosslingual as synth
+from dsmoe.shards import cli as shards_cli
+from dsmoe.shards.layouts.captions import parse_caption_file
+from dsmoe.shards.layouts.multi30k import read_multi30k
+from dsmoe.shards.layouts.base import read_lines
+from dsmoe.shards.records import RawFormatError
+from dsmoe.shards.verify import verify_shards
+from dsmoe.shards.writer import write_shards
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +29,7 @@ def raw(tmp_path_factory: pytest.TempPathFactory) -> dict[str, synth.SyntheticLa
 
 
 def _fails(capsys: pytest.CaptureFixture, *argv: object) -> str:
-    code = CLI.main([str(a) for a in argv])
+    code = shards_cli.main([str(a) for a in argv])
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and "Traceback" not in err
@@ -167,7 +163,7 @@ def test_interrupted_build_leaves_no_partial_shard(tmp_path: Path, monkeypatch: 
     layout = synth.make_multi30k(tmp_path / "m", per_split=(6, 1, 1), faults=False)
     records = read_multi30k(layout.root).records
     out = tmp_path / "out"
-    real = shards_module._image_members
+    real = shard_workers.image_members
     calls = {"n": 0}
 
     def crash_on_fourth(sample, spill):
@@ -176,11 +172,11 @@ def test_interrupted_build_leaves_no_partial_shard(tmp_path: Path, monkeypatch: 
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C in the middle of train-000001
         return real(sample, spill)
 
-    monkeypatch.setattr(shards_module, "_image_members", crash_on_fourth)
+    monkeypatch.setattr(shard_workers, "image_members", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
         write_shards(records, out, dataset="multi30k", samples_per_shard=3)
     assert sorted(p.name for p in out.iterdir()) == [".make_shards.journal.jsonl", "train-000000.tar"]
-    monkeypatch.setattr(shards_module, "_image_members", real)
+    monkeypatch.setattr(shard_workers, "image_members", real)
     before = (out / "train-000000.tar").stat().st_ino
     reports = write_shards(records, out, dataset="multi30k", samples_per_shard=3)
     assert (out / "train-000000.tar").stat().st_ino == before  # resumed from the journal
@@ -189,7 +185,7 @@ def test_interrupted_build_leaves_no_partial_shard(tmp_path: Path, monkeypatch: 
 
 def test_verify_checks_frames_and_languages(tmp_path: Path) -> None:
     layout = synth.make_jsonl(tmp_path / "j", faults=False)
-    from dsmoe.data.layouts.generic import read_jsonl
+    from dsmoe.shards.layouts.generic import read_jsonl
 
     out = tmp_path / "out"
     write_shards(read_jsonl(layout.files["annotations"]).records, out, dataset="jsonl")

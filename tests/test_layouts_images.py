@@ -13,20 +13,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dsmoe.data import synthetic_crosslingual as synth
-from dsmoe.data.shards import verify_shards
-from launch import load_make_shards_cli
+import synthetic_crosslingual as synth
+from dsmoe.shards import cli as shards_cli
+from dsmoe.shards.verify import verify_shards
 
 IMAGE_SCHEMA = {"key", "image_id", "captions", "source", "split", "dataset"}
 
 
-
-
-CLI = load_make_shards_cli()
-
-
 def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    code = CLI.main([str(a) for a in argv])
+    code = shards_cli.main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -77,7 +72,7 @@ def m30k(tmp_path_factory: pytest.TempPathFactory) -> synth.SyntheticLayout:
 @pytest.fixture(scope="module")
 def m30k_shards(m30k: synth.SyntheticLayout, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("m30k-shards")
-    assert CLI.main(["--dataset", "multi30k", "--root", str(m30k.root), "--out", str(out)]) == 0
+    assert shards_cli.main(["--dataset", "multi30k", "--root", str(m30k.root), "--out", str(out)]) == 0
     return out
 
 
@@ -131,11 +126,11 @@ def test_multi30k_rerun_and_two_workers_are_byte_identical(m30k: synth.Synthetic
                                                            tmp_path: Path) -> None:
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in m30k_shards.glob("*.tar")}
     first = _files(m30k_shards)
-    assert CLI.main(["--dataset", "multi30k", "--root", str(m30k.root), "--out", str(m30k_shards)]) == 0
+    assert shards_cli.main(["--dataset", "multi30k", "--root", str(m30k.root), "--out", str(m30k_shards)]) == 0
     assert _files(m30k_shards) == first
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in m30k_shards.glob("*.tar")} == before  # kept
     other = tmp_path / "two"
-    assert CLI.main(["--dataset", "multi30k", "--root", str(m30k.root), "--out", str(other), "--workers", "2"]) == 0
+    assert shards_cli.main(["--dataset", "multi30k", "--root", str(m30k.root), "--out", str(other), "--workers", "2"]) == 0
     assert _files(other) == first
     assert not list(other.glob(".make_shards*")) and not list(other.glob("*.tmp-*"))
 
@@ -169,9 +164,10 @@ def test_translations_in_each_format_are_merged_and_unmatched_reported(
 
 
 def test_multi30k_shards_read_back_through_the_pipeline(m30k_shards: Path, tmp_path: Path) -> None:
-    from dsmoe.data.pipeline import EvalImages, TrainStreamConfig, sample_label, train_loader
+    from dsmoe.data.pipeline import EvalImages, TrainStreamConfig, train_loader
+    from dsmoe.shards.format import sample_label
     from dsmoe.data.text import CaptionEncoder
-    from dsmoe.demo import train_tokenizer
+    from dsmoe.demo.models import train_tokenizer
 
     metas = {key: meta for key, _, meta in _samples(m30k_shards, "train")}
     german = [c for meta in metas.values() for c in meta["captions"]["de"]]
@@ -292,7 +288,7 @@ def test_hf_saved_dataset_with_two_workers(tmp_path: Path, capsys: pytest.Captur
 def _rerun(argv: list, out: Path) -> Path:
     argv = list(argv)
     argv[argv.index("--out") + 1] = out
-    assert CLI.main([str(a) for a in argv]) == 0
+    assert shards_cli.main([str(a) for a in argv]) == 0
     return out
 
 
@@ -314,7 +310,7 @@ def test_hf_single_dataset_with_split_column(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_person_dataset_with_translations_keeps_pid(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from dsmoe.data.synthetic import make_synthetic_pedes
+    from dsmoe.demo.people import make_synthetic_pedes
 
     root = make_synthetic_pedes(tmp_path / "cuhk", num_ids={"train": 2, "test": 1}, images_per_id=2,
                                 image_size=(32, 16))

@@ -11,16 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dsmoe.data import synthetic_crosslingual as synth
-from dsmoe.data.shards import verify_shards
-from dsmoe.data.video import VideoDecodeError, frame_indices, sample_frames
-from launch import load_make_shards_cli
-
-
-
-
-
-CLI = load_make_shards_cli()
+import synthetic_crosslingual as synth
+from dsmoe.shards import cli as shards_cli
+from dsmoe.shards.verify import verify_shards
+from dsmoe.shards.video import VideoDecodeError, frame_indices, sample_frames
 
 
 def _manifest(out: Path, split: str) -> dict:
@@ -53,7 +47,7 @@ def vtt_shards(vtt: synth.SyntheticLayout, tmp_path_factory: pytest.TempPathFact
     out = tmp_path_factory.mktemp("vtt-shards")
     argv = ["--dataset", "msrvtt", "--root", str(vtt.root), "--zh-captions", str(vtt.files["zh"]), "--frames", "5",
             "--out", str(out)]
-    assert CLI.main(argv) == 0
+    assert shards_cli.main(argv) == 0
     return out
 
 
@@ -117,11 +111,11 @@ def test_msrvtt_official_split_frames_and_chinese_captions(vtt: synth.SyntheticL
 
 def test_msrvtt_two_workers_rerun_and_resize(vtt: synth.SyntheticLayout, vtt_shards: Path, tmp_path: Path) -> None:
     argv = ["--dataset", "msrvtt", "--root", str(vtt.root), "--zh-captions", str(vtt.files["zh"]), "--frames", "5"]
-    assert CLI.main(argv + ["--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    assert shards_cli.main(argv + ["--out", str(tmp_path / "two"), "--workers", "2"]) == 0
     assert _files(tmp_path / "two") == _files(vtt_shards)
-    assert CLI.main(argv + ["--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    assert shards_cli.main(argv + ["--out", str(tmp_path / "two"), "--workers", "2"]) == 0
     assert _files(tmp_path / "two") == _files(vtt_shards)
-    assert CLI.main(argv + ["--out", str(tmp_path / "small"), "--resize", "16x24", "--verify"]) == 0
+    assert shards_cli.main(argv + ["--out", str(tmp_path / "small"), "--resize", "16x24", "--verify"]) == 0
     frame = _groups(tmp_path / "small", "val")["val_0000000"]["frame02.jpg"]
     with Image.open(io.BytesIO(frame)) as image:
         assert image.size == (24, 16)
@@ -129,7 +123,7 @@ def test_msrvtt_two_workers_rerun_and_resize(vtt: synth.SyntheticLayout, vtt_sha
 
 def test_msrvtt_1k_a_protocol(vtt: synth.SyntheticLayout, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
-    code = CLI.main(["--dataset", "msrvtt", "--root", str(vtt.root), "--videos", str(vtt.root / "videos"),
+    code = shards_cli.main(["--dataset", "msrvtt", "--root", str(vtt.root), "--videos", str(vtt.root / "videos"),
                      "--test-list", str(vtt.files["test_list"]), "--frames", "3", "--out", str(out), "--verify"])
     printed = capsys.readouterr().out
     assert code == 0 and "verify: ok" in printed
@@ -140,7 +134,7 @@ def test_msrvtt_1k_a_protocol(vtt: synth.SyntheticLayout, tmp_path: Path, capsys
     assert meta["captions"] == {"en": ["the test query of video3"]} and meta["frames"] == 3
     out7k = tmp_path / "seven"
     (vtt.root / "MSRVTT_train.7k.csv").write_text("video_id\nvideo0\nvideo2\n", encoding="utf-8")
-    assert CLI.main(["--dataset", "msrvtt", "--root", str(vtt.root), "--test-list", str(vtt.files["test_list"]),
+    assert shards_cli.main(["--dataset", "msrvtt", "--root", str(vtt.root), "--test-list", str(vtt.files["test_list"]),
                      "--train-list", str(vtt.root / "MSRVTT_train.7k.csv"), "--out", str(out7k)]) == 0
     printed = capsys.readouterr().out
     assert "train: 2 inputs = 2 written + 0 skipped" in printed and "3 videos in neither list" in printed
@@ -149,7 +143,7 @@ def test_msrvtt_1k_a_protocol(vtt: synth.SyntheticLayout, tmp_path: Path, capsys
 def test_video_shards_read_back_through_the_pipeline(vtt_shards: Path, tmp_path: Path) -> None:
     from dsmoe.data.pipeline import EvalImages, TrainStreamConfig, train_loader
     from dsmoe.data.text import CaptionEncoder
-    from dsmoe.demo import train_tokenizer
+    from dsmoe.demo.models import train_tokenizer
 
     groups = _groups(vtt_shards, "train")
     chinese = [c for parts in groups.values() for c in json.loads(parts["json"])["captions"]["zh"]]
@@ -173,7 +167,7 @@ def test_jsonl_video_entries(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
         json.dumps({"image": "clips/a.mp4", "captions": {"en": ["a clip"], "zh": ["片段"]}}) + "\n"
         + json.dumps({"image": "clips/b.jpg", "captions": "a still"}) + "\n", encoding="utf-8")
     out = tmp_path / "out"
-    assert CLI.main(["--dataset", "jsonl", "--annotations", str(tmp_path / "ann.jsonl"), "--frames", "3",
+    assert shards_cli.main(["--dataset", "jsonl", "--annotations", str(tmp_path / "ann.jsonl"), "--frames", "3",
                      "--out", str(out), "--verify"]) == 0
     groups = _groups(out, "train")
     assert sorted(groups["train_0000000"]) == ["frame00.jpg", "frame01.jpg", "frame02.jpg", "jpg", "json"]

@@ -14,12 +14,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from dsmoe.data.pipeline import (EvalImages, TrainStream, TrainStreamConfig, batches_per_epoch, eval_loader,
-                                 read_split, train_loader)
-from dsmoe.data.raw_formats import read_person_layout
-from dsmoe.data.shards import write_shards
-from dsmoe.data.synthetic import make_synthetic_pedes
+                                 train_loader)
+from dsmoe.shards.format import read_split
+from dsmoe.shards.layouts.person import read_person_layout
+from dsmoe.shards.writer import write_shards
+from dsmoe.demo.people import make_synthetic_pedes
 from dsmoe.data.text import CaptionEncoder
-from dsmoe.demo import train_tokenizer
+from dsmoe.demo.models import train_tokenizer
 
 NUM_IDS = {"train": 8, "val": 2, "test": 3}
 IMAGE_SIZE = (32, 16)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dsmoe.data.raw_formats import RawFormatError, RawRecord, read_person_layout
-from dsmoe.data.synthetic import (
+from dsmoe.shards.layouts.person import read_person_layout
+from dsmoe.shards.records import RawFormatError, RawRecord
+from dsmoe.demo.people import (
     COLOURS,
     make_identities,
     make_synthetic_icfg,

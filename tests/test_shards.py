@@ -1,4 +1,4 @@
-"""Tests of the shard writer, the shard verifier and the make_shards CLI."""
+"""Tests of the shard writer, the shard verifier and the make_shards shards_cli."""
 
 from __future__ import annotations
 
@@ -15,27 +15,19 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dsmoe.data.raw_formats import RawRecord, read_person_layout
-from dsmoe.data.shards import (
-    JOURNAL_NAME,
-    REASON_DUPLICATE,
-    REASON_EMPTY_CAPTIONS,
-    REASON_IMAGE_MISSING,
-    REASON_IMAGE_UNREADABLE,
-    REASON_UNKNOWN_SPLIT,
-    ShardWriteError,
-    format_accounting,
-    verify_shards,
-    write_shards,
-)
-from dsmoe.data.synthetic import make_synthetic_icfg, make_synthetic_pedes, make_synthetic_rstpreid
-from launch import load_make_shards_cli
+from dsmoe.shards.layouts.person import read_person_layout
+from dsmoe.shards.records import RawRecord
+from dsmoe.shards import cli as shards_cli
+from dsmoe.shards.plan import JOURNAL_NAME, REASON_DUPLICATE, REASON_EMPTY_CAPTIONS, REASON_UNKNOWN_SPLIT
+from dsmoe.shards.records import ShardWriteError
+from dsmoe.shards.verify import verify_shards
+from dsmoe.shards.workers import REASON_IMAGE_MISSING, REASON_IMAGE_UNREADABLE
+from dsmoe.shards.writer import format_accounting, write_shards
+from dsmoe.demo.people import make_synthetic_icfg, make_synthetic_pedes, make_synthetic_rstpreid
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"train": 6, "val": 2, "test": 2}
 SIZE = (48, 24)
-
-
 
 
 @pytest.fixture(scope="module")
@@ -358,17 +350,16 @@ def test_bad_options_are_user_errors(clean_root: Path, tmp_path: Path) -> None:
 
 
 def test_cli_end_to_end_with_verify(faulty_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    cli = load_make_shards_cli()
     out = tmp_path / "out"
     argv = ["--dataset", "cuhk-pedes", "--root", str(faulty_root), "--out", str(out), "--samples-per-shard", "8",
             "--resize", "32x16", "--verify"]
-    assert cli.main(argv) == 0
+    assert shards_cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "train: 20 inputs = 18 written + 2 skipped" in printed
     assert "test: 7 inputs = 6 written + 1 skipped" in printed
     assert "verify: ok" in printed
     assert _manifest(out, "train")["tool_args"]["resize"] == [32, 16]
-    assert cli.main(argv + ["--strict"]) == 2
+    assert shards_cli.main(argv + ["--strict"]) == 2
     assert capsys.readouterr().err.startswith("error: 3 record(s) skipped")
 
 
@@ -382,19 +373,17 @@ def test_cli_end_to_end_with_verify(faulty_root: Path, tmp_path: Path, capsys: p
 )
 def test_cli_user_errors_exit_2(clean_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                 extra: list[str], message: str) -> None:
-    cli = load_make_shards_cli()
     argv = ["--dataset", "cuhk-pedes", "--root", str(clean_root), "--out", str(tmp_path / "out")] + extra
-    assert cli.main(argv) == 2
+    assert shards_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and "Traceback" not in err
 
 
 def test_cli_verify_failure_exits_1(clean_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    cli = load_make_shards_cli()
-    monkeypatch.setattr(cli, "verify_shards", lambda out: ["train-000000.tar: broken"])
+    monkeypatch.setattr(shards_cli, "verify_shards", lambda out: ["train-000000.tar: broken"])
     argv = ["--dataset", "cuhk-pedes", "--root", str(clean_root), "--out", str(tmp_path / "out"), "--verify"]
-    assert cli.main(argv) == 1
+    assert shards_cli.main(argv) == 1
     assert "problem: train-000000.tar: broken" in capsys.readouterr().err
 
 

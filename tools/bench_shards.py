@@ -4,7 +4,7 @@
     python tools/bench_shards.py --images 6000 --workers 1,2,4,8 --profile
 
 1. Generates (once; cached under ``--work-dir``) a synthetic CUHK-PEDES-layout dataset: ``--images`` pictures at
-   ``--size`` with two captions each (``dsmoe.data.synthetic.make_synthetic_pedes``).
+   ``--size`` with two captions each (``dsmoe.demo.people.make_synthetic_pedes``).
 2. Measures the machine: the same JPEG decode + encode loop (no Python work to speak of) in 1 process and in W
    processes at once. ``capacity`` = how many single-process speeds W processes reach together; a writer that
    scales perfectly reaches it (on a machine with W free cores it is W).
@@ -36,9 +36,9 @@ try:
 except ImportError:  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsmoe.data.raw_formats import read_person_layout  # noqa: E402
-from dsmoe.data.shards import write_shards  # noqa: E402
-from dsmoe.data.synthetic import make_synthetic_pedes  # noqa: E402
+from dsmoe.shards.layouts.person import read_person_layout  # noqa: E402
+from dsmoe.shards.writer import write_shards  # noqa: E402
+from dsmoe.demo.people import make_synthetic_pedes  # noqa: E402
 
 SPIN = 1500
 
@@ -80,7 +80,7 @@ def codec_floor(records, resize) -> float:
 
     from PIL import Image
 
-    from dsmoe.data.shards import _encode_jpeg
+    from dsmoe.shards.workers import encode_jpeg
 
     blobs = [Path(r.image_path).read_bytes() for r in records]
     start = time.perf_counter()
@@ -92,22 +92,22 @@ def codec_floor(records, resize) -> float:
         else:
             image.draft(None, (resize[1], resize[0]))
             image.load()
-            _encode_jpeg(image, resize)
+            encode_jpeg(image, resize)
     return time.perf_counter() - start
 
 
 def _pool_startup(workers: int) -> float:
     """Seconds to start the writer's spawn pool and have every worker import the writer (a fixed cost per run)."""
-    from dsmoe.data.shards import _Runner
+    from dsmoe.shards.workers import Runner
 
     start = time.perf_counter()
-    with _Runner(workers) as runner:
+    with Runner(workers) as runner:
         runner.map(_spin_zero, list(range(workers)))
     return time.perf_counter() - start
 
 
 def _spin_zero(_: int) -> int:
-    import dsmoe.data.shards  # noqa: F401  (what a writer worker imports)
+    import dsmoe.shards.workers  # noqa: F401  (what a writer worker imports)
 
     return 0
 
@@ -173,7 +173,7 @@ def read_throughput(shard_dir: Path, size: tuple[int, int], captions: list[str],
 
     from dsmoe.data.pipeline import TrainStreamConfig, train_loader
     from dsmoe.data.text import CaptionEncoder
-    from dsmoe.demo import train_tokenizer
+    from dsmoe.demo.models import train_tokenizer
 
     threads = torch.get_num_threads()
     if torch_threads is not None:

@@ -14,7 +14,6 @@ set that a resumed stream skips without decoding, so it replays exactly the batc
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import signal
@@ -28,45 +27,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from dsmoe.data.faults import SampleError, SampleFault
+from dsmoe.shards.format import SOURCE_LANGUAGE, frame_member, read_split, sample_label
 from dsmoe.data.text import CaptionEncoder
 from dsmoe.data.transforms import decode_rgb, eval_transform, train_transform
-
-LANGUAGE = "en"
-
-
-@dataclass(frozen=True)
-class SplitInfo:
-    shards: list[Path]
-    samples: int
-    captions: int
-    shard_samples: list[int]  # samples of each shard, as its manifest lists them
-
-
-def read_split(shard_dir: str | Path, split: str, language: str = LANGUAGE) -> SplitInfo:
-    """The shards and counts of ``split`` from its manifest."""
-    shard_dir = Path(shard_dir)
-    manifest_path = shard_dir / f"{split}.manifest.json"
-    if not manifest_path.is_file():
-        found = sorted(p.name for p in shard_dir.glob("*.manifest.json")) if shard_dir.is_dir() else []
-        raise FileNotFoundError(f"no manifest for split '{split}' in {shard_dir} (found: {found or 'none'}); "
-                                f"write the shards with tools/make_shards.py")
-    manifest = json.loads(manifest_path.read_text())
-    shards = [shard_dir / s["name"] for s in manifest["shards"]]
-    missing = [str(p) for p in shards if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{manifest_path} lists shards that do not exist: {missing[:3]}")
-    return SplitInfo(shards=shards, samples=int(manifest["samples"]),
-                     captions=int(manifest["captions"].get(language, 0)),
-                     shard_samples=[int(s["samples"]) for s in manifest["shards"]])
-
-
-def sample_label(meta: dict) -> int:
-    """The retrieval label of a sample: the person id, or (image-text data) a stable 63-bit hash of the image id."""
-    if "pid" in meta:
-        return int(meta["pid"])
-    digest = hashlib.blake2b(str(meta["image_id"]).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
-
 
 def sample_content(sample: dict, need_media: bool) -> tuple[dict, bytes | list[bytes] | None]:
     """(parsed json, image bytes or a video's frame bytes) of a raw tar sample; ``SampleError`` says what is wrong."""
@@ -84,10 +47,10 @@ def sample_content(sample: dict, need_media: bool) -> tuple[dict, bytes | list[b
         return meta, None
     frames = int(meta.get("frames", 0))
     if frames:
-        missing = [i for i in range(frames) if f"frame{i:02d}.jpg" not in sample]
+        missing = [i for i in range(frames) if frame_member(i) not in sample]
         if missing:
             raise SampleError(f"video frames {missing} missing")
-        return meta, [sample[f"frame{i:02d}.jpg"] for i in range(frames)]
+        return meta, [sample[frame_member(i)] for i in range(frames)]
     if "jpg" not in sample:
         raise SampleError("no .jpg member")
     return meta, sample["jpg"]
@@ -157,14 +120,14 @@ class TrainStreamConfig:
     augment: bool = True
     erasing_p: float = 0.5
     corruption: float = 0.0
-    language: str = LANGUAGE
+    language: str = SOURCE_LANGUAGE
     load_images: bool = True
 
 
 class CaptionPairs:
     """DM-Adapter's pairs: one per caption of ``language``; optional caption corruption."""
 
-    def __init__(self, encoder: CaptionEncoder, language: str = LANGUAGE, corruption: float = 0.0):
+    def __init__(self, encoder: CaptionEncoder, language: str = SOURCE_LANGUAGE, corruption: float = 0.0):
         self.encoder, self.language, self.corruption = encoder, language, corruption
 
     def expand(self, meta: dict) -> list[tuple]:
@@ -188,7 +151,7 @@ class TranslationPairs:
 
     def expand(self, meta: dict) -> list[tuple]:
         captions = meta["captions"]
-        english = captions.get(LANGUAGE, [])
+        english = captions.get(SOURCE_LANGUAGE, [])
         return [(f"{lang}{c}", (english[c], tgt, index))
                 for index, lang in enumerate(self.languages)
                 for c, tgt in enumerate(captions.get(lang, [])[:len(english)])]
@@ -340,7 +303,7 @@ class TrainStream(IterableDataset):
         return batch
 
 
-def batches_per_epoch(shard_dir: str, split: str, global_batch: int, languages: tuple[str, ...] = (LANGUAGE,)) -> int:
+def batches_per_epoch(shard_dir: str, split: str, global_batch: int, languages: tuple[str, ...] = (SOURCE_LANGUAGE,)) -> int:
     """Optimiser steps per epoch: every caption pair once (of each language), the last partial batch dropped."""
     captions = sum(read_split(shard_dir, split, language).captions for language in languages)
     if captions < global_batch:
@@ -371,7 +334,7 @@ class EvalImages(IterableDataset):
     ``SampleFault`` item for each unusable sample of that share."""
 
     def __init__(self, shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int,
-                 language: str = LANGUAGE):
+                 language: str = SOURCE_LANGUAGE):
         super().__init__()
         self.info = read_split(shard_dir, split)
         self.image_size, self.rank, self.world_size, self.language = image_size, rank, world_size, language
@@ -412,7 +375,7 @@ def _collate_eval(items: list) -> dict:
 
 
 def eval_loader(shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int,
-                batch_size: int, workers: int, language: str = LANGUAGE) -> DataLoader:
+                batch_size: int, workers: int, language: str = SOURCE_LANGUAGE) -> DataLoader:
     dataset = EvalImages(shard_dir, split, image_size, rank, world_size, language)
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_eval,
                       worker_init_fn=ignore_job_signals)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dsmoe.config import RunConfig
-from dsmoe.data.pipeline import LANGUAGE
+from dsmoe.shards.format import SOURCE_LANGUAGE
 
 if TYPE_CHECKING:
     from dsmoe.engine import Evaluator
@@ -35,7 +35,7 @@ class Method:
         raise NotImplementedError
 
     def train_languages(self) -> tuple[str, ...]:
-        return (LANGUAGE,)
+        return (SOURCE_LANGUAGE,)
 
     def backward(self, engine, out: dict) -> None:
         engine.backward(out["loss"])

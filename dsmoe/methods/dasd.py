@@ -28,8 +28,9 @@ from transformers import AutoModel
 
 from dsmoe.backbones.clip import FrozenCLIP, TrainableCLIP, block_forward, load_clip
 from dsmoe.config import RunConfig
-from dsmoe.data.pipeline import LANGUAGE, CaptionPairs, TranslationPairs
+from dsmoe.data.pipeline import CaptionPairs, TranslationPairs
 from dsmoe.data.text import CaptionEncoder, load_tokenizer
+from dsmoe.shards.format import SOURCE_LANGUAGE
 from dsmoe.losses import symmetric_info_nce
 from dsmoe.methods.base import Method
 from dsmoe.metrics import recall_metrics
@@ -340,7 +341,7 @@ class EnglishFinetuneMethod(Method):
         return EnglishCLIP(backbone, self.cfg.dasd.logit_scale)
 
     def train_texts(self) -> CaptionPairs:
-        return CaptionPairs(self.english, LANGUAGE)
+        return CaptionPairs(self.english, SOURCE_LANGUAGE)
 
     def evaluate(self, evaluator, split: str) -> dict:
         model = evaluator.model
@@ -349,7 +350,7 @@ class EnglishFinetuneMethod(Method):
             encoded = self.english.encode(captions)
             return {"text": encoded.ids, "eot": encoded.eot}
 
-        report = recall_report(evaluator, split, LANGUAGE, encode, lambda b: model.encode_text(b["text"], b["eot"]))
+        report = recall_report(evaluator, split, SOURCE_LANGUAGE, encode, lambda b: model.encode_text(b["text"], b["eot"]))
         return {"AR_en": report["AR"], "en": report}
 
     def on_finish(self, model: EnglishCLIP, run_dir, rank: int) -> None:

@@ -11,8 +11,9 @@ from torch import nn
 
 from dsmoe.backbones.clip import FrozenCLIP, load_clip
 from dsmoe.config import RunConfig
-from dsmoe.data.pipeline import LANGUAGE, CaptionPairs
+from dsmoe.data.pipeline import CaptionPairs
 from dsmoe.data.text import CaptionEncoder, load_tokenizer
+from dsmoe.shards.format import SOURCE_LANGUAGE
 from dsmoe.losses import sdm_loss
 from dsmoe.methods.base import Method
 from dsmoe.metrics import rank_metrics
@@ -86,7 +87,7 @@ class DMAdapterMethod(Method):
         return DMAdapter(self.cfg, FrozenCLIP(load_clip(self.cfg.model.clip), self.cfg.model.image_size))
 
     def train_texts(self) -> CaptionPairs:
-        return CaptionPairs(self.captions, LANGUAGE, self.cfg.loss.caption_corruption)
+        return CaptionPairs(self.captions, SOURCE_LANGUAGE, self.cfg.loss.caption_corruption)
 
     def evaluate(self, evaluator, split: str) -> dict:
         model = evaluator.model
@@ -96,7 +97,7 @@ class DMAdapterMethod(Method):
             return {"text": encoded.ids, "eot": encoded.eot}
 
         image, image_pids, text, text_pids = evaluator.features(
-            split, LANGUAGE, encode, lambda b: model.encode_text(b["text"], b["eot"]))
+            split, SOURCE_LANGUAGE, encode, lambda b: model.encode_text(b["text"], b["eot"]))
         similarity = F.normalize(text, dim=-1) @ F.normalize(image, dim=-1).t()
         metrics = rank_metrics(similarity, text_pids, image_pids)
         return {**metrics, "images": int(image.shape[0]), "captions": int(text.shape[0])}

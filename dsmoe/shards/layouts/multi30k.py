@@ -22,11 +22,11 @@ Assumption: the split lists and caption files are UTF-8; a blank caption line is
 
 from __future__ import annotations
 
+from argparse import Namespace
 from pathlib import Path
 
-from dsmoe.data.layouts.base import LayoutResult, find_dir
-from dsmoe.data.raw_formats import RawFormatError, RawRecord, other_files_hint, read_lines, relative_source, \
-    valid_language
+from dsmoe.shards.layouts.base import LayoutResult, find_dir, other_files_hint, read_lines, relative_source
+from dsmoe.shards.records import RawFormatError, RawRecord, valid_language
 
 __all__ = ["read_multi30k"]
 
@@ -112,3 +112,9 @@ def read_multi30k(root: Path, *, task: int = 1, languages: list[str] | None = No
                 image_id=image_id,
             ))
     return result
+
+
+def read_from_args(args: Namespace) -> LayoutResult:
+    languages = [x.strip() for x in args.languages.split(",") if x.strip()] if args.languages else None
+    return read_multi30k(args.root, task=args.task or 1, languages=languages, test_set=args.test_set,
+                         images_dir=args.images)

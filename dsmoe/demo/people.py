@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -24,6 +23,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from dsmoe.files import write_atomic
 
 __all__ = [
     "COLOURS",
@@ -364,18 +365,13 @@ def _encode_jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _render_to(root: Path, source: str, identity: Identity, seed: int, index: int,
                size: tuple[int, int]) -> None:
     rng = random.Random(f"dsmoe-synthetic-image-{seed}-{identity.pid}-{index}")
     noise_rng = np.random.default_rng([seed, identity.pid, index])
-    _write_bytes_atomic(root / "imgs" / source, _encode_jpeg(render_person(identity, rng, noise_rng, size)))
+    path = root / "imgs" / source
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, _encode_jpeg(render_person(identity, rng, noise_rng, size)))
 
 
 def _split_counts(num_ids: Mapping[str, int] | None, default: Mapping[str, int],
@@ -471,13 +467,13 @@ def _cached_or_build(root: Path, annotation: str, stamp: dict[str, Any], build: 
     stamp_path.unlink(missing_ok=True)
     records = build()
     payload = json.dumps(records, indent=1, ensure_ascii=False).encode("utf-8")
-    _write_bytes_atomic(root / annotation, payload)
-    _write_bytes_atomic(stamp_path, stamp_text.encode("utf-8"))
+    write_atomic(root / annotation, payload)
+    write_atomic(stamp_path, stamp_text.encode("utf-8"))
     return root
 
 
 def _stamp(layout: str, **kwargs: Any) -> dict[str, Any]:
-    return {"generator": "dsmoe.data.synthetic", "version": GENERATOR_VERSION, "layout": layout, **kwargs}
+    return {"generator": "dsmoe.demo.people", "version": GENERATOR_VERSION, "layout": layout, **kwargs}
 
 
 def _write_layout(root: Path, layout: str, annotation: str, source_pattern: str, counts: dict[str, int],

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from dsmoe.data.raw_formats import RawFormatError, RawRecord, caption_map, describe_json, load_json, read_lines, \
-    valid_language
+from dsmoe.shards.layouts.base import describe_json, load_json, read_lines
+from dsmoe.shards.records import RawFormatError, RawRecord, caption_map, valid_language
 
 __all__ = ["CaptionFile", "describe_caption_report", "merge_caption_files", "parse_caption_file",
            "parse_translation_option"]

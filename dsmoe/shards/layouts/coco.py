@@ -23,13 +23,14 @@ Assumptions: COCO-CN ids end with the zero-padded COCO id after the last ``_``; 
 
 from __future__ import annotations
 
+from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
-from dsmoe.data.layouts.base import LayoutResult, find_dir
-from dsmoe.data.layouts.captions import CaptionFile, merge_caption_files, parse_caption_file
-from dsmoe.data.raw_formats import RawFormatError, RawRecord, describe_json, load_json, other_files_hint, \
-    read_lines, relative_source
+from dsmoe.shards.layouts.base import (LayoutResult, describe_json, find_dir, load_json, other_files_hint, read_lines,
+                                       relative_source)
+from dsmoe.shards.layouts.captions import CaptionFile, merge_caption_files, parse_caption_file
+from dsmoe.shards.records import RawFormatError, RawRecord
 
 __all__ = ["read_coco"]
 
@@ -187,3 +188,8 @@ def _coco_cn_records(cn_dir: Path, result: LayoutResult, images: Path) -> list[R
     result.notes.append(f"--split-source coco-cn: {len(records)} COCO-CN images with COCO-CN's split; {left_out} "
                         f"Karpathy images that COCO-CN does not list are not part of this benchmark")
     return records
+
+
+def read_from_args(args: Namespace) -> LayoutResult:
+    return read_coco(args.root, annotations=args.annotations, images_dir=args.images, stair=args.stair,
+                     coco_cn=args.coco_cn, split_source=args.split_source or "karpathy")

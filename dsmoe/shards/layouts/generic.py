@@ -26,12 +26,13 @@ rows it needs.
 from __future__ import annotations
 
 import json
+from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
-from dsmoe.data.layouts.base import LayoutResult
-from dsmoe.data.raw_formats import BlobRef, RawFormatError, RawRecord, relative_source, valid_language
-from dsmoe.data.video import VIDEO_EXTENSIONS
+from dsmoe.shards.layouts.base import LayoutResult, relative_source
+from dsmoe.shards.records import BlobRef, RawFormatError, RawRecord, valid_language
+from dsmoe.shards.video import VIDEO_EXTENSIONS
 
 __all__ = ["fetch_blob", "parse_caption_columns", "read_hf", "read_jsonl"]
 
@@ -259,3 +260,13 @@ def _rows(dataset: Any) -> Any:
         names = list(batch)
         for values in zip(*(batch[n] for n in names)):
             yield dict(zip(names, values))
+
+
+def read_jsonl_from_args(args: Namespace) -> LayoutResult:
+    return read_jsonl(args.annotations, images_dir=args.images, default_split=args.default_split or "train")
+
+
+def read_hf_from_args(args: Namespace) -> LayoutResult:
+    return read_hf(args.hf, config=args.hf_config, image_column=args.image_column or "image",
+                   caption_columns=parse_caption_columns(args.caption_columns), split_column=args.split_column,
+                   id_column=args.id_column, images_dir=args.images, default_split=args.default_split or "train")

@@ -12,7 +12,7 @@
   neither list are not part of the protocol and are noted, not written.
 * Chinese captions (``--zh-captions``, repeatable): MSR-VTT-CN caption files as released with NRCCR,
   ``<video_id>#<tag>#<n> <caption>`` lines (e.g. ``video7010#zh#0 ...``), or any other caption-file format of
-  ``dsmoe.data.layouts.captions``; merged as ``zh``.
+  ``dsmoe.shards.layouts.captions``; merged as ``zh``.
 * Videos (``--videos``, default ``root``): every file with a video extension under that directory is indexed by
   its name without extension (``video0.mp4``), so ``videos/all/``, ``TrainValVideo/`` + ``TestVideo/`` and flat
   layouts all work. A video that is listed but has no file is reported as missing.
@@ -24,12 +24,13 @@ merged as the caption files give them (MSR-VTT-CN's test file already holds the 
 from __future__ import annotations
 
 import csv
+from argparse import Namespace
 from pathlib import Path
 
-from dsmoe.data.layouts.base import LayoutResult
-from dsmoe.data.layouts.captions import merge_caption_files, parse_caption_file
-from dsmoe.data.raw_formats import RawFormatError, RawRecord, describe_json, load_json, other_files_hint
-from dsmoe.data.video import VIDEO_EXTENSIONS
+from dsmoe.shards.layouts.base import LayoutResult, describe_json, load_json, other_files_hint
+from dsmoe.shards.layouts.captions import merge_caption_files, parse_caption_file
+from dsmoe.shards.records import RawFormatError, RawRecord
+from dsmoe.shards.video import VIDEO_EXTENSIONS
 
 __all__ = ["read_msrvtt", "index_videos"]
 
@@ -161,3 +162,8 @@ def read_msrvtt(root: Path, *, annotations: Path | None = None, videos_dir: Path
     result.records, reports = merge_caption_files(result.records, zh_files)
     result.caption_reports += reports
     return result
+
+
+def read_from_args(args: Namespace) -> LayoutResult:
+    return read_msrvtt(args.root, annotations=args.annotations, videos_dir=args.videos, test_list=args.test_list,
+                       train_list=args.train_list, zh_captions=args.zh_captions)

@@ -1,7 +1,7 @@
 """Tiny synthetic datasets in the real raw layouts of the cross-lingual benchmarks, with deliberate faults.
 
 For tests of ``tools/make_shards.py`` (and as executable documentation of the layouts): every generator writes
-the file names and field names of the public release (see ``dsmoe/data/layouts/``), a handful of small JPEGs
+the file names and field names of the public release (see ``dsmoe/shards/layouts/``), a handful of small JPEGs
 (or 32x32 videos encoded with PyAV), and, with ``faults=True``, a few defects that the converter must report:
 a record whose image (video) file is missing, a record without any non-empty caption, a duplicate record, and
 per layout one more (an unreadable image or video, an unknown split, a caption entry for an image that is not in
