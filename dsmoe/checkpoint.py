@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from dsmoe.faults import RunError
+from dsmoe.files import write_atomic
 
 STAGING_PREFIX = ".partial-"  # a folder being written; never a valid tag
 
@@ -51,29 +52,41 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
                             f"and a tag directory with a COMPLETE marker)")
 
 
+def resume_point(spec: str | None, ckpt_root: Path) -> tuple[Path, str] | None:
+    """Where a run continues from: nothing for ``none`` (or None), the newest complete checkpoint of ``ckpt_root``
+    for ``auto`` (nothing when there is none yet), else the run, checkpoints or tag directory ``spec`` names."""
+    if not spec or spec == "none":
+        return None
+    if spec == "auto":
+        tag = complete_tag(ckpt_root)
+        return (ckpt_root, tag) if tag else None
+    return resolve_checkpoint(spec)
+
+
+def is_portable(path: str | Path) -> bool:
+    """Whether ``path`` names exported adapters (``dsmoe.portable``) rather than a DeepSpeed checkpoint."""
+    return Path(path).suffix == ".safetensors"
+
+
 def check_checkpoint(path: str | Path) -> None:
     """Raise ``FileNotFoundError`` unless ``path`` is a portable adapters file or holds a complete checkpoint."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if is_portable(path):
         if not path.is_file():
             raise FileNotFoundError(f"adapters file not found: {path}")
         return
     resolve_checkpoint(path)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` at once (readers see the old or the new file, never a part)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _write(path: Path, text: str) -> None:
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CheckpointWriteError(path, exc) from None
 
 
 def write_pointer(root: Path, pointer: str, tag: str) -> None:
-    write_text_atomic(root / pointer, tag)
+    _write(root / pointer, tag)
 
 
 def publish(root: Path, staging: str, tag: str, marker: str) -> None:
@@ -81,7 +94,7 @@ def publish(root: Path, staging: str, tag: str, marker: str) -> None:
     at it. A crash before the rename leaves only a staging folder, which ``remove_staging`` deletes later."""
     folder = root / staging
     try:
-        write_text_atomic(folder / "COMPLETE", marker)
+        _write(folder / "COMPLETE", marker)
         final = root / tag
         if final.exists():  # the same step saved again (a resumed run): the new copy replaces it
             old = root / f"{STAGING_PREFIX}replaced-{tag}"
@@ -92,6 +105,15 @@ def publish(root: Path, staging: str, tag: str, marker: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     write_pointer(root, "latest", tag)
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete step folders beyond the newest ``keep``, except those ``latest`` and ``best`` name."""
+    pinned = {complete_tag(root, "latest"), complete_tag(root, "best")}
+    steps = sorted(p for p in root.glob("step*") if p.is_dir())
+    for old in steps[:-max(1, keep)]:
+        if old.name not in pinned:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_staging(root: Path) -> None:
@@ -108,10 +130,11 @@ def read_marker(root: Path, tag: str) -> dict:
         return {}
 
 
-SHAPE_SECTIONS = ("model", "adapter", "dasd")  # config sections that decide the trainable tensors' shapes
-NOT_SHAPES = {"adapter.ep_size", "adapter.capacity_factor", "dasd.stage", "dasd.stages", "dasd.init_from",
-              "dasd.cla", "dasd.cma", "dasd.english", "dasd.consistency_weight", "dasd.adversarial_weight",
-              "dasd.discriminator_lr", "dasd.logit_scale", "adapter.image_scale", "adapter.text_scale"}
+SHAPE_SECTIONS = ("model", "adapter", "dasd", "dm_adapter")  # config sections that can shape trainable tensors
+NOT_SHAPES = {"adapter.ep_size", "adapter.capacity_factor", "dasd.stage", "dasd.stages", "dasd.cla", "dasd.cma",
+              "dasd.english", "dasd.consistency_weight", "dasd.adversarial_weight", "dasd.discriminator_lr",
+              "dasd.logit_scale", "dm_adapter.image_scale", "dm_adapter.text_scale", "dm_adapter.logit_scale",
+              "dm_adapter.lb_weight", "dm_adapter.caption_corruption"}
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, object]:

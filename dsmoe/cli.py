@@ -1,9 +1,9 @@
-"""Shared command-line plumbing of the entry points."""
+"""Shared command-line plumbing of the entry points (argument parsing only: no heavy imports)."""
 from __future__ import annotations
 
 import argparse
 
-from dsmoe.config import REPO_ROOT
+from dsmoe.ds_config import DEFAULT
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,5 +13,6 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a YAML value, e.g. --set train.epochs=2 (repeatable)")
     # The deepspeed launcher appends --local_rank=N; DeepSpeed's own flag for the JSON is --deepspeed_config.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    parser.add_argument("--ds_config", "--ds-config", "--deepspeed_config", dest="ds_config",
-                        default=str(REPO_ROOT / "ds_configs" / "zero2.json"), help="DeepSpeed JSON config")
+    parser.add_argument("--ds_config", "--ds-config", "--deepspeed_config", dest="ds_config", default=str(DEFAULT),
+                        help="DeepSpeed JSON config: a path, or the name of a shipped one such as zero2_bf16.json "
+                             "(default: zero2.json)")

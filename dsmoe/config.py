@@ -1,66 +1,34 @@
-"""Typed run configuration: model YAML -> dataclasses, ``--set`` overrides, DeepSpeed JSON composition.
+"""The run config: the shared sections of a model YAML as typed dataclasses, the method's own section (registered in
+``dsmoe.methods``), ``--set`` overrides, and the checks that involve several sections.
 
-Every YAML key maps to a dataclass field; an unknown key or a value of the wrong type raises
-``ConfigError`` naming the key (and the closest valid one) before any process group starts.
+The DeepSpeed JSON is composed in ``dsmoe.ds_config``; each method's section (``dm_adapter:``, ``dasd:``) is a
+dataclass of its own package. Reading a config imports neither torch nor DeepSpeed.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from dsmoe import methods
+from dsmoe.schema import ConfigError, at_least, from_dict, positive, ranged, share
+
 DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "dm_adapter" / "demo.yaml"
 
-
-class ConfigError(ValueError):
-    """A user mistake in the model YAML, an override or the DeepSpeed JSON."""
-
-
-@dataclass(frozen=True)
-class Range:
-    """Allowed values of a numeric field (each element of a tuple field); checked when a config is read."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def contains(self, value: float) -> bool:
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return self.high is None or (value < self.high if self.high_open else value <= self.high)
-
-    def __str__(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-
-
-def ranged(default: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False) -> Any:
-    return field(default=default, metadata={"range": Range(low, high, low_open, high_open)})
-
-
-def positive(default: Any) -> Any:
-    return ranged(default, 0, low_open=True)
-
-
-def at_least(low: int, default: Any) -> Any:
-    return ranged(default, low)
-
-
-def share(default: Any, *, high_open: bool = False) -> Any:
-    """A value in [0, 1] (or [0, 1))."""
-    return ranged(default, 0, 1, high_open=high_open)
+# Keys that moved to the section of the method that reads them.
+MOVED_KEYS = {
+    "adapter.image_scale": "dm_adapter.image_scale",
+    "adapter.text_scale": "dm_adapter.text_scale",
+    "loss.logit_scale": "dm_adapter.logit_scale",
+    "loss.lb_weight": "dm_adapter.lb_weight",
+    "loss.caption_corruption": "dm_adapter.caption_corruption",
+    "dasd.init_from": "train.init_from",
+}
 
 
 @dataclass
@@ -88,67 +56,13 @@ class AdapterConfig:
     """None routes every token (the paper); a number caps each expert at factor * k * tokens / experts."""
     bottleneck_ratio: int = at_least(1, 8)
     """Expert hidden width is d / bottleneck_ratio."""
-    image_scale: float = ranged(0.1, 0)
-    text_scale: float = ranged(4.0, 0)
-
-
-@dataclass
-class StageConfig:
-    epochs: int = at_least(1, 1)
-    lr: float = positive(2.0e-4)
-
-
-@dataclass
-class DASDConfig:
-    """DASD's target-language text path (DESIGN.md section 3)."""
-
-    languages: list[str] = field(default_factory=lambda: ["de"])
-    """Target languages (keys of the shards' ``captions``); English is the source."""
-    stages: list[Literal["english", "cla", "cma"]] = field(default_factory=lambda: ["cla", "cma"])
-    """Stages run in order, each in ``train.output_dir/<stage>`` and starting from the previous one's weights:
-    ``english`` (optional, first) fine-tunes all of CLIP on the English captions and later stages use that CLIP;
-    ``cla`` aligns target captions with English ones (text only); ``cma`` aligns them with images."""
-    english: StageConfig = field(default_factory=lambda: StageConfig(epochs=1, lr=1.0e-6))
-    cla: StageConfig = field(default_factory=lambda: StageConfig(epochs=1, lr=2.0e-4))
-    cma: StageConfig = field(default_factory=lambda: StageConfig(epochs=1, lr=6.0e-6))
-    stage: Literal["english", "cla", "cma"] = "cla"
-    """The stage being run (set from ``stages`` by the stage runner)."""
-    tokenizer: str = "bert-base-multilingual-cased"
-    """Target-language tokenizer (mBERT) hub id or directory."""
-    embeddings: str | None = "bert-base-multilingual-cased"
-    """Model whose word embeddings initialise the trainable table; null: random init of the tokenizer's size."""
-    embedding_dim: int = at_least(1, 768)
-    """Width of the table when ``embeddings`` is null (mBERT's is read from the model)."""
-    adapter_rank: int = at_least(1, 32)
-    """Bottleneck of the dynamic adapter; W_z is rank x rank."""
-    generator_dim: int = at_least(1, 512)
-    """Width of z, the per-caption vector the W_z of every layer is generated from."""
-    extractor_hidden: int = at_least(1, 256)
-    extractor_blocks: int = at_least(1, 2)
-    """Frozen CLIP text blocks the semantics extractors run through, each followed by a bottleneck MLP."""
-    consistency_weight: float = ranged(0.1, 0)
-    adversarial_weight: float = ranged(0.001, 0)
-    discriminator_lr: float = positive(1.0e-4)
-    logit_scale: float = positive(100.0)
-    """InfoNCE scale of stage CMA."""
-    init_from: str | None = None
-    """A run or checkpoint whose trainable weights start the first stage (optimiser state fresh)."""
-
-
-@dataclass
-class LossConfig:
-    logit_scale: float = positive(50.0)
-    """SDM temperature 1 / tau (fixed)."""
-    lb_weight: float = ranged(0.5, 0)
-    """Weight of the load-balancing loss summed over layers."""
-    caption_corruption: float = share(0.15, high_open=True)
-    """Share of caption tokens corrupted for the SDM loss (80% mask, 10% random, 10% kept); 0 disables."""
 
 
 @dataclass
 class DataConfig:
     shards: str = ""
-    """Directory written by ``tools/make_shards.py`` ({split}-NNNNNN.tar + {split}.manifest.json)."""
+    """Directory written by the shard converter (``python -m dsmoe.shards``): {split}-NNNNNN.tar +
+    {split}.manifest.json."""
     eval_shards: str | None = None
     """Shards the validation and test splits come from when they differ from ``shards`` (DASD zero-shot: train
     on generic pairs, test on Multi30K / COCO); null: ``shards``."""
@@ -198,9 +112,13 @@ class TrainConfig:
     max_steps: int | None = at_least(1, None)
     """Stop after this many optimiser steps (smoke tests); the schedule still spans ``epochs``."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """Fills ``bf16.enabled: "auto"`` in the DeepSpeed JSON: auto = bf16 on GPUs, fp32 on CPU."""
+    """Fills ``bf16.enabled: "auto"`` in the DeepSpeed JSON: auto = bf16 on GPUs that support it (Ampere and
+    newer), fp32 elsewhere (CPUs included)."""
     seed: int = 1
     output_dir: str = "runs/dm_adapter"
+    init_from: str | None = None
+    """Trainable weights to start from (a ``.safetensors`` file of ``python -m dsmoe.export``, or a run or
+    checkpoint directory) at any ep_size and world size; the optimiser starts fresh. ``--init-from`` sets it."""
     eval_every: int = at_least(1, 1)
     """Evaluate on the validation split every N epochs."""
     eval_zero_shot: bool = True
@@ -224,37 +142,29 @@ class WandbConfig:
 
 @dataclass
 class RunConfig:
-    method: Literal["dm_adapter", "dasd"] = "dm_adapter"
+    method: str = "dm_adapter"
+    """The method trained (``dsmoe.methods``); its settings are the YAML section of the same name."""
     demo: bool = False
     """Create the synthetic dataset, its shards and a tiny CLIP under ``demo_dir`` when missing."""
     demo_dir: str = ".cache/dsmoe-demo"
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    dasd: DASDConfig = field(default_factory=DASDConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    method_config: Any = field(default=None, metadata={"yaml": False})
+    """The method's own settings (its registered dataclass), read from the YAML section named ``method``."""
+
+    def __post_init__(self) -> None:
+        if self.method_config is None:  # the method's defaults
+            self.method_config = methods.method_spec(self.method).config()
 
     def validate(self) -> None:
         """Checks that need more than one field (single values are checked against their ``Range`` as they are
         read); world-size checks happen once it is known."""
         a = self.adapter
-        if self.method == "dm_adapter" and a.router == "language":
-            raise ConfigError("adapter.router 'language' is DASD's; DM-Adapter uses domain_aware, linear or dense")
-        if self.method == "dasd":
-            if a.router == "domain_aware":
-                raise ConfigError("adapter.router for DASD: language, linear or dense (domain_aware is DM-Adapter's)")
-            if not self.dasd.stages:
-                raise ConfigError("dasd.stages is empty: list cla and/or cma")
-            if "english" in self.dasd.stages[1:]:
-                raise ConfigError("dasd.stages: the English fine-tune comes first")
-            if not self.dasd.languages or "en" in self.dasd.languages:
-                raise ConfigError("dasd.languages lists the target languages (at least one, not 'en')")
-            if a.router == "language" and a.num_experts != len(self.dasd.languages):
-                raise ConfigError(f"adapter.router 'language' needs adapter.num_experts = len(dasd.languages) = "
-                                  f"{len(self.dasd.languages)}, got {a.num_experts}")
+        self.method_config.validate(self)
         if a.router == "language" and a.top_k != 1:
             raise ConfigError("adapter.router 'language' sends each token to exactly one expert: set adapter.top_k 1")
         if a.router != "dense":
@@ -263,7 +173,7 @@ class RunConfig:
             if a.num_experts % a.ep_size:
                 raise ConfigError(f"adapter.ep_size={a.ep_size} must divide adapter.num_experts={a.num_experts}")
         if not self.data.shards and not self.demo:
-            raise ConfigError("data.shards is empty: point it at a directory written by tools/make_shards.py")
+            raise ConfigError("data.shards is empty: point it at a directory written by python -m dsmoe.shards")
 
     def check_world(self, world_size: int) -> None:
         """Checks that depend on how many ranks were launched."""
@@ -279,99 +189,48 @@ class RunConfig:
         return self.train.batch_size // (world_size * self.train.grad_accum)
 
 
+    def stage_runs(self) -> list[RunConfig]:
+        """The runs this config asks for, in order (several for a method with stages, such as DASD)."""
+        return self.method_config.stage_runs(self)
+
+    def copy(self) -> RunConfig:
+        return copy.deepcopy(self)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# YAML -> dataclasses
+# YAML <-> RunConfig
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return ``value`` checked (and minimally converted) against the annotation ``tp``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
-    if origin is Literal:
-        if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{hint}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 5e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise AssertionError(f"unsupported annotation {tp} for {key}")
-
-
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
-    where = prefix or "the config"
+def run_config_from_dict(data: dict) -> RunConfig:
+    """A RunConfig from a YAML mapping: the shared sections, and the method's section by its registered class."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    names = list(fields)
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown key '{full}'{hint}")
-        kwargs[key] = _coerce(value, hints[key], full)
-        _check_range(kwargs[key], fields[key].metadata.get("range"), full)
-    return cls(**kwargs)
+        raise ConfigError(f"the config: expected a mapping, got {data!r}")
+    data = dict(data)
+    spec = methods.method_spec(data.get("method", RunConfig.method))
+    section = data.pop(spec.name, None)
+    others = [name for name in methods.names() if name in data]
+    if others:
+        raise ConfigError(f"section '{others[0]}' belongs to method {others[0]}; this config's method is "
+                          f"{spec.name} (method: {others[0]} to run it)")
+    cfg = from_dict(RunConfig, data)
+    cfg.method_config = from_dict(spec.config, section if section is not None else {}, spec.name)
+    return cfg
 
 
-def _check_range(value: Any, allowed: Range | None, key: str) -> None:
-    if allowed is None or value is None:
-        return
-    for v in value if isinstance(value, tuple) else (value,):
-        if not allowed.contains(v):
-            raise ConfigError(f"{key}: {value!r} is out of range: must be {allowed}")
+def to_dict(cfg: RunConfig) -> dict:
+    """Plain YAML-safe dict of a run config (tuples become lists; the method's settings under its name)."""
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("yaml", True)}
+    plain = json.loads(json.dumps({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                                   for k, v in shared.items()}))
+    plain[cfg.method] = json.loads(json.dumps(dataclasses.asdict(cfg.method_config)))
+    return plain
 
 
-def to_dict(cfg: Any) -> dict:
-    """Plain YAML-safe dict (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+def _refuse_moved_keys(data: dict) -> None:
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            raise ConfigError(f"'{old}' is now '{new}' (the section of the component that reads it): rename it")
 
 
 def apply_override(data: dict, assignment: str) -> None:
@@ -400,150 +259,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     for assignment in overrides:
         apply_override(data, assignment)
     try:
-        cfg = from_dict(RunConfig, data)
+        _refuse_moved_keys(data)
+        cfg = run_config_from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     cfg.validate()
     return cfg
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# DeepSpeed JSON
-
-
-def load_ds_config(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"DeepSpeed config not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-
-
-@dataclass(frozen=True)
-class DeviceSupport:
-    """What the machine offers to precision choices: GPUs, and the half types DeepSpeed's accelerator accepts."""
-    cuda: bool
-    bf16: bool
-    fp16: bool
-
-    @classmethod
-    def detect(cls) -> DeviceSupport:
-        import torch
-        from deepspeed.accelerator import get_accelerator
-        accelerator = get_accelerator()
-        return cls(cuda=torch.cuda.is_available(), bf16=bool(accelerator.is_bf16_supported()),
-                   fp16=bool(accelerator.is_fp16_supported()))
-
-
-CPU_ONLY = DeviceSupport(cuda=False, bf16=True, fp16=False)  # DeepSpeed's CPU accelerator: bf16 always
-
-
-def resolve_precision(cfg: RunConfig, device: DeviceSupport) -> str:
-    """``auto``: bf16 on GPUs that have it (Ampere and newer), else fp32."""
-    if cfg.train.precision == "auto":
-        return "bf16" if device.cuda and device.bf16 else "fp32"
-    return cfg.train.precision
-
-
-def compose_ds_config(ds: dict, cfg: RunConfig, world_size: int, device: DeviceSupport) -> dict:
-    """Fill every ``"auto"`` in the DeepSpeed JSON from the run config and check the batch arithmetic.
-
-    The optimiser is always described by the YAML (per-group learning rates come from dsmoe); the JSON
-    may state its ``type`` and leave the numbers to "auto". A missing optimizer section is added.
-    """
-    ds = json.loads(json.dumps(ds))  # deep copy
-    micro = cfg.micro_batch(world_size)
-    precision = resolve_precision(cfg, device)
-    fills = {
-        "train_batch_size": cfg.train.batch_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
-    }
-    for key, value in fills.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-    optimizer = ds.setdefault("optimizer", {"type": "Adam", "params": {}})
-    if optimizer.get("type", "auto") == "auto":
-        optimizer["type"] = "Adam"
-    if optimizer["type"].lower() not in ("adam", "adamw"):
-        raise ConfigError(f"optimizer.type {optimizer['type']!r}: dsmoe recipes use Adam or AdamW")
-    params = optimizer.setdefault("params", {})
-    param_fills = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
-                   "weight_decay": cfg.optim.weight_decay, "adam_w_mode": cfg.optim.adamw, "torch_adam": True}
-    for key, value in param_fills.items():
-        if params.get(key, "auto") == "auto":
-            params[key] = value
-    if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") == "auto":
-        ds["fp16"]["enabled"] = False  # fp16 is chosen explicitly in the JSON, never by "auto"
-    fp16 = isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") is True
-    if fp16 and isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") is True:
-        raise ConfigError("the DeepSpeed JSON enables both fp16 and bf16: keep one")
-    if not fp16:
-        bf16 = ds.setdefault("bf16", {"enabled": "auto"})
-        if bf16.get("enabled", "auto") == "auto":
-            bf16["enabled"] = precision == "bf16"
-    json_precision = "fp16" if fp16 else "bf16" if ds["bf16"]["enabled"] else "fp32"
-    if cfg.train.precision != "auto" and cfg.train.precision != json_precision:
-        raise ConfigError(f"train.precision is {cfg.train.precision} but the DeepSpeed JSON runs {json_precision}: "
-                          f"set train.precision auto, or pick the matching ds_configs file")
-    if "scheduler" in ds:
-        raise ConfigError("the DeepSpeed JSON has a 'scheduler' section: dsmoe schedules the learning rate from "
-                          "the YAML (optim.warmup_epochs, cosine); remove it")
-    if json_precision == "fp16" and not device.fp16:
-        raise ConfigError("fp16 (with loss scaling) is not supported by DeepSpeed on this device (on a CPU it needs "
-                          "oneDNN's fp16 path: AVX512-FP16 or AMX-FP16); use a bf16 or fp32 config here")
-    if json_precision == "bf16" and not device.bf16:
-        raise ConfigError("bf16 is not supported on this device (GPUs before Ampere): use an fp32 config, or "
-                          "ds_configs/zero2_fp16.json with loss scaling")
-    zero = ds.get("zero_optimization", {})
-    if zero.get("stage", 0) == 3:
-        raise ConfigError("ZeRO stage 3 does not support DeepSpeed MoE layers: use stage 1 or 2")
-    ep = cfg.adapter.ep_size if cfg.adapter.router != "dense" else 1
-    if zero.get("stage", 0) == 0 and ep > 1 and ds["gradient_clipping"]:
-        raise ConfigError("gradient clipping under ZeRO stage 0 with expert parallelism (ep_size > 1): DeepSpeed "
-                          "computes that global norm wrongly (it averages per-rank norms in fp32 and leaves expert "
-                          "gradients out in bf16/fp16); use ZeRO stage 1 or 2, or set optim.grad_clip 0")
-    leftover = [k for k, v in _walk(ds) if v == "auto"]
-    if leftover:
-        raise ConfigError(f"DeepSpeed JSON values left as \"auto\" that dsmoe cannot fill: {leftover}")
-    if ds["train_batch_size"] != ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size:
-        raise ConfigError(
-            f"train_batch_size {ds['train_batch_size']} != micro batch {ds['train_micro_batch_size_per_gpu']} x "
-            f"accumulation {ds['gradient_accumulation_steps']} x world size {world_size}")
-    if ds["train_batch_size"] != cfg.train.batch_size:
-        raise ConfigError(f"DeepSpeed train_batch_size {ds['train_batch_size']} disagrees with train.batch_size "
-                          f"{cfg.train.batch_size}: write \"auto\" in the JSON")
-    return ds
-
-
-def _walk(node: Any, prefix: str = ""):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _walk(value, f"{prefix}.{key}" if prefix else key)
-    else:
-        yield prefix, node
-
-
-def stage_configs(cfg: RunConfig) -> list[RunConfig]:
-    """The runs a config asks for: itself, or one per DASD stage (own run directory, epochs and learning rate,
-    initialised from the previous stage's weights)."""
-    if cfg.method != "dasd":
-        return [cfg]
-    runs, previous, clip = [], cfg.dasd.init_from, cfg.model.clip
-    for stage in cfg.dasd.stages:
-        run = copy.deepcopy(cfg)
-        settings = getattr(cfg.dasd, stage)
-        run.dasd.stage, run.train.epochs, run.optim.lr = stage, settings.epochs, settings.lr
-        run.train.output_dir = str(Path(cfg.train.output_dir) / stage)
-        run.model.clip = clip
-        if stage == "english":  # later stages start from the fine-tuned CLIP, saved in the stage's run dir
-            clip = str(Path(run.train.output_dir) / "clip")
-            run.dasd.init_from = None
-        else:
-            run.dasd.init_from = previous
-            previous = run.train.output_dir
-        runs.append(run)
-    return runs

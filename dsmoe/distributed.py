@@ -1,50 +1,15 @@
-"""Process-group set-up from whichever launcher started us: deepspeed, torchrun, Slurm's srun, or none."""
+"""The process group: started from whichever launcher started us (``dsmoe.launcher``), with finite timeouts, its
+shared-memory buffers released, small collective flags, and an orderly end."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def map_slurm_env(env: dict[str, str] = os.environ) -> None:
-    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR from Slurm's variables when a launcher did not."""
-    if "RANK" in env or "SLURM_PROCID" not in env:
-        return
-    env["RANK"] = env["SLURM_PROCID"]
-    env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
-    local = int(env.get("SLURM_LOCALID", "0"))
-    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
-    # with --gpus-per-task each task sees only its own GPU(s): the local rank indexes what the task can see
-    env["LOCAL_RANK"] = str(local % len(visible) if visible and local >= len(visible) else local)
-    if "MASTER_ADDR" not in env:
-        nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        first = None
-        if nodes:
-            try:
-                out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
-                                     check=True).stdout.split()
-                first = out[0] if out else None
-            except (OSError, subprocess.CalledProcessError):
-                first = None
-        env["MASTER_ADDR"] = first or "127.0.0.1"
-    env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 2000))
-
-
-def launched_world_size() -> int:
-    """How many processes the launcher started (1 for a plain ``python``), known before the process group."""
-    map_slurm_env()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+from dsmoe.launcher import free_port, map_slurm_env
 
 
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
@@ -59,7 +24,7 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     map_slurm_env()
     if "RANK" not in os.environ:  # plain `python ...`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():  # before any NCCL collective: each rank on its own GPU (flag_tensor relies on it)
         visible = torch.cuda.device_count()

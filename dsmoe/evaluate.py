@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from dsmoe import distributed
-    from dsmoe.engine import evaluate_checkpoint
+    from dsmoe.evaluation import evaluate_checkpoint
     from dsmoe.faults import FaultWatch
 
     rank, world_size, local_rank = distributed.init_distributed(cfg.train.collective_timeout)

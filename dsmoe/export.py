@@ -15,7 +15,7 @@ if __package__ in (None, ""):
 
 from dsmoe.checkpoint import check_checkpoint  # noqa: E402
 from dsmoe.config import ConfigError, load_config  # noqa: E402
-from dsmoe.distributed import launched_world_size as distributed_world_size  # noqa: E402
+from dsmoe.launcher import launched_world_size  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                                   if p.is_file()), None)
     try:
         cfg = load_config(config, args.set)
-        if distributed_world_size() != 1:
+        if launched_world_size() != 1:
             raise ConfigError("run the export in a single process (python -m dsmoe.export)")
         check_checkpoint(args.checkpoint)
     except (ConfigError, FileNotFoundError) as exc:
@@ -42,14 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from dsmoe import distributed
-    from dsmoe.engine import load_for_inference
+    from dsmoe.engine import build_inference_engine
     from dsmoe.faults import FaultWatch
     from dsmoe.portable import save_portable
 
     distributed.init_distributed(cfg.train.collective_timeout)
     watch = FaultWatch(0, 1)
     try:
-        _, engine, source = load_for_inference(cfg, args.checkpoint, ep_size=1)
+        _, engine, source = build_inference_engine(cfg, args.checkpoint, ep_size=1)
         path = save_portable(engine.module, cfg, args.output, source)
     except BaseException as exc:  # noqa: BLE001
         watch.fail(exc)

@@ -32,7 +32,7 @@ class RunError(RuntimeError):
 
 
 def is_user_error(exc: BaseException) -> bool:
-    from dsmoe.config import ConfigError
+    from dsmoe.schema import ConfigError
 
     return isinstance(exc, (RunError, ConfigError))
 

@@ -3,6 +3,8 @@
 - :func:`sdm_loss`: IRRA's Similarity Distribution Matching (DM-Adapter's main loss).
 - :func:`load_balancing_loss`: DM-Adapter's per-layer expert load-balancing loss.
 - :func:`symmetric_info_nce`: CLIP-style symmetric InfoNCE (DASD's CMA stage).
+- DASD's other terms: :func:`feature_distillation`, :func:`semantic_consistency`, and the adversarial pair
+  :func:`fool_discriminator` (the model's term) / :func:`discriminator_loss` (the discriminator's).
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["sdm_loss", "load_balancing_loss", "symmetric_info_nce"]
+__all__ = ["discriminator_loss", "feature_distillation", "fool_discriminator", "load_balancing_loss", "sdm_loss",
+           "semantic_consistency", "symmetric_info_nce"]
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
@@ -122,3 +125,27 @@ def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: float = 10
     logits = logit_scale * a_n @ b_n.t()
     target = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def feature_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """DASD: MSE between the target-language caption's feature and its English caption's (CLIP's) feature."""
+    return F.mse_loss(student, teacher)
+
+
+def semantic_consistency(f_sr: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """DASD: the semantic-related feature should carry the caption's meaning: SmoothL1 to the anchor (the English
+    caption's feature in CLA, the image's in CMA)."""
+    return F.smooth_l1_loss(f_sr, anchor)
+
+
+def fool_discriminator(mismatched_logits: torch.Tensor) -> torch.Tensor:
+    """DASD, the model's adversarial term: cross-entropy that pushes the discriminator's logits [B, 2] for
+    mismatched (f_sa, feature) pairs towards "matched" (class 1), so f_sa cannot carry the semantics."""
+    matched = torch.ones(mismatched_logits.shape[0], dtype=torch.long, device=mismatched_logits.device)
+    return F.cross_entropy(mismatched_logits, matched)
+
+
+def discriminator_loss(matched_logits: torch.Tensor, mismatched_logits: torch.Tensor) -> torch.Tensor:
+    """DASD, the discriminator's loss: cross-entropy of matched pairs as class 1 plus mismatched pairs as class 0."""
+    matched = torch.ones(matched_logits.shape[0], dtype=torch.long, device=matched_logits.device)
+    return F.cross_entropy(matched_logits, matched) + F.cross_entropy(mismatched_logits, torch.zeros_like(matched))

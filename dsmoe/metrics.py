@@ -1,6 +1,6 @@
 """Retrieval metrics, computed over chunks of queries so that the full ranking is never sorted at once.
 
-Two protocols (see DESIGN.md sections 2 and 3):
+Two protocols (the README's "Evaluation protocol"):
 
 - :func:`rank_metrics`: text-to-image person retrieval (IRRA protocol): R@1/5/10, mAP and mINP, where the
   positives of a caption are all gallery images of the same person id.

@@ -24,15 +24,11 @@ def config_path(weights: Path) -> Path:
     return weights.with_suffix(".yaml")
 
 
-def is_portable(path: str | Path) -> bool:
-    return Path(path).suffix == ".safetensors"
-
-
 def local_expert_range(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Per MoE layer (module path): (first global expert index on this rank, number of local experts)."""
     from deepspeed.moe.layer import MoE
 
-    from dsmoe.moe.adapter import expert_parallel_rank
+    from dsmoe.moe.layer import expert_parallel_rank
 
     out = {}
     for name, module in model.named_modules():

@@ -1,4 +1,5 @@
-"""Train a method: ``deepspeed dsmoe/train.py --ds_config ds_configs/zero2.json [--config model.yaml]``.
+"""Train a method: ``deepspeed dsmoe/train.py --ds_config ds_configs/zero2.json [--config model.yaml]``
+(also ``deepspeed --module dsmoe.train``, ``python -m dsmoe.train`` or ``dsmoe-train`` for one process).
 
 Without ``--config`` it runs the embedded demo (synthetic data, tiny CLIP, experts over the ranks).
 """
@@ -13,13 +14,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # started as a script (deepspeed dsmoe/train.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dsmoe.checkpoint import complete_tag, is_portable, read_marker, resume_point  # noqa: E402
 from dsmoe.cli import add_common_arguments  # noqa: E402
-from dsmoe.config import (ConfigError, DeviceSupport, RunConfig, compose_ds_config, load_config,  # noqa: E402
-                          load_ds_config, stage_configs)
+from dsmoe.config import ConfigError, RunConfig, load_config  # noqa: E402
+from dsmoe.ds_config import load_ds_config  # noqa: E402
+from dsmoe.launcher import launched_world_size  # noqa: E402
 from dsmoe.shards.format import read_split  # noqa: E402
-from dsmoe.distributed import launched_world_size  # noqa: E402
-from dsmoe.checkpoint import complete_tag, read_marker  # noqa: E402
-from dsmoe.portable import is_portable  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,44 +30,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "there is one; 'none': start fresh; or a run/checkpoint directory")
     parser.add_argument("--init-from", "--init_from", dest="init_from", default=None,
                         help="start from these trainable weights (a file written by python -m dsmoe.export, or a "
-                             "run / checkpoint directory) at any ep_size and world size; optimiser state fresh")
+                             "run / checkpoint directory) at any ep_size and world size; optimiser state fresh "
+                             "(sets train.init_from)")
     return parser.parse_args(argv)
+
+
+def prepare(args: argparse.Namespace, world_size: int) -> list[tuple[RunConfig, dict]]:
+    """The runs to do, each with its composed DeepSpeed config; every user mistake is a ``ConfigError`` (or a
+    ``FileNotFoundError`` for missing shards) raised here, before any process group starts."""
+    from dsmoe.ds_config import DeviceSupport, compose_ds_config
+
+    cfg = load_config(args.config, args.set)
+    if args.init_from:
+        cfg.train.init_from = args.init_from
+    ds_json = load_ds_config(args.ds_config)
+    cfg.check_world(world_size)
+    stages = cfg.stage_runs()
+    for stage in stages:
+        if args.resume == "none" and complete_tag(Path(stage.train.output_dir) / "checkpoints") is not None:
+            raise ConfigError(f"{stage.train.output_dir} already holds checkpoints: use --resume auto to "
+                              f"continue, or choose another train.output_dir")
+    if not cfg.demo:  # the demo writes its shards after start-up
+        read_split(cfg.data.shards, cfg.data.train_split)
+        for split in filter(None, (cfg.data.val_split, cfg.data.test_split)):
+            read_split(cfg.data.eval_shards or cfg.data.shards, split)
+    device = DeviceSupport.detect()  # the first heavy import (torch, DeepSpeed)
+    return [(stage, compose_ds_config(ds_json, stage, world_size, device)) for stage in stages]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:  # user mistakes in the YAML or JSON fail here, before any process group starts
-        cfg = load_config(args.config, args.set)
-        ds_config = load_ds_config(args.ds_config)
+    try:
         world_size = launched_world_size()
-        cfg.check_world(world_size)
-        compose_ds_config(ds_config, cfg, world_size, DeviceSupport.detect())
-        for stage in stage_configs(cfg):
-            if args.resume == "none" and complete_tag(Path(stage.train.output_dir) / "checkpoints") is not None:
-                raise ConfigError(f"{stage.train.output_dir} already holds checkpoints: use --resume auto to "
-                                  f"continue, or choose another train.output_dir")
-        if not cfg.demo:  # the demo writes its shards after start-up
-            read_split(cfg.data.shards, cfg.data.train_split)
-            for split in filter(None, (cfg.data.val_split, cfg.data.test_split)):
-                read_split(cfg.data.eval_shards or cfg.data.shards, split)
+        stages = prepare(args, world_size)
     except (ConfigError, FileNotFoundError) as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    if cfg.demo:  # before the process group: no collective waits while the assets are built
+    if stages[0][0].demo:  # before the process group: no collective waits while the assets are built
         from dsmoe.demo import prepare_demo_once
 
-        prepare_demo_once(cfg)
+        prepare_demo_once(stages[0][0])
 
     from dsmoe import distributed
     from dsmoe.faults import FaultWatch
 
-    rank, world_size, local_rank = distributed.init_distributed(cfg.train.collective_timeout)
+    rank, world_size, local_rank = distributed.init_distributed(stages[0][0].train.collective_timeout)
     assert world_size == launched_world_size(), "the process group disagrees with the launcher's WORLD_SIZE"
     watch = FaultWatch(rank, world_size)
     try:
-        run(cfg, ds_config, args.resume, rank, world_size, local_rank, args.init_from)
+        run(stages, args.resume, rank, world_size, local_rank)
     except BaseException as exc:  # noqa: BLE001 - every failure ends every rank (see dsmoe.faults)
         watch.fail(exc)
     watch.stop()
@@ -77,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def finished_results(cfg: RunConfig) -> str | None:
     """The results table of a run whose newest checkpoint completed every epoch, else None."""
-    from dsmoe.engine import format_results
-    from dsmoe.methods.base import get_method
+    from dsmoe.evaluation import format_results
+    from dsmoe.methods import get_method
 
     root = Path(cfg.train.output_dir)
     tag = complete_tag(root / "checkpoints")
@@ -90,19 +102,17 @@ def finished_results(cfg: RunConfig) -> str | None:
     return format_results(json.loads(results.read_text()), get_method(cfg).report_metrics)
 
 
-def run(cfg: RunConfig, ds_config: dict, resume: str, rank: int, world_size: int, local_rank: int,
-        init_from: str | None = None) -> None:
-    from dsmoe.engine import Trainer
+def run(stages: list[tuple[RunConfig, dict]], resume: str, rank: int, world_size: int, local_rank: int) -> None:
+    """Train each run in turn (one, or a method's stages), each from its checkpoint, or ``train.init_from``."""
+    from dsmoe.trainer import Trainer
 
-    stages = stage_configs(cfg)
-    for index, stage in enumerate(stages):
-        start = init_from if index == 0 and init_from else stage.dasd.init_from if stage.method == "dasd" else None
+    for stage, ds_config in stages:
+        start = stage.train.init_from
         if resume == "auto" and (done := finished_results(stage)) is not None:
             if rank == 0:
                 print(f"[dsmoe] {stage.train.output_dir} finished all {stage.train.epochs} epochs:\n{done}")
             continue
-        resumable = resume != "none" and (resume != "auto" or complete_tag(
-            Path(stage.train.output_dir) / "checkpoints") is not None)
+        resumable = resume_point(resume, Path(stage.train.output_dir) / "checkpoints") is not None
         portable = start if start and is_portable(start) and not resumable else None
         trainer = Trainer(stage, ds_config, rank, world_size, local_rank, portable_init=portable)
         trainer.write_run_files()
@@ -111,16 +121,16 @@ def run(cfg: RunConfig, ds_config: dict, resume: str, rank: int, world_size: int
         if trainer.train().get("preempted"):
             return
     if len(stages) > 1 and rank == 0:
-        print(stage_summary(stages))
+        print(stage_summary([stage for stage, _ in stages]))
 
 
 def stage_summary(stages: list[RunConfig]) -> str:
     """One table over the stages: the untrained model, then the test scores after each stage."""
-    from dsmoe.methods.base import get_method
+    from dsmoe.methods import get_method
 
     results = [json.loads((Path(s.train.output_dir) / "results.json").read_text()) for s in stages]
     keys = get_method(stages[-1]).report_metrics
-    rows = [("untrained", results[0].get("zero_shot"))] + [(f"after {s.dasd.stage}", r["test"])
+    rows = [("untrained", results[0].get("zero_shot"))] + [(f"after {Path(s.train.output_dir).name}", r["test"])
                                                           for s, r in zip(stages, results)]
     lines = [f"{'test split':<14}" + "".join(f"{k:>9}" for k in keys)]
     lines += [f"{name:<14}" + "".join(f"{m[k]:9.2f}" if m and k in m else f"{'-':>9}" for k in keys)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import socket
-import sys
+import signal
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
 from torch import nn
+
+from launch import extensions_dir
 
 # A few captions for the tiny tokenizer (word level): enough words for short and truncated captions.
 TINY_CAPTIONS = [
@@ -25,30 +25,18 @@ TINY_PATCH = 8
 TINY_TEXT_POSITIONS = 16
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def dist_env() -> None:
-    """A one-process gloo group, as ``deepspeed.init_distributed`` makes it under the launcher."""
-    import deepspeed
+    """A one-process gloo group, as ``dsmoe.distributed.init_distributed`` makes it without a launcher."""
     import torch.distributed as dist
 
-    from dsmoe.distributed import release_shared_memory
+    from dsmoe.distributed import init_distributed
 
     if not dist.is_initialized():
-        # The shared-memory op that init_distributed JIT-builds is cached per virtual environment: checkouts with
-        # other venvs sharing ~/.cache/torch_extensions would otherwise invalidate each other's build (~30 s each).
-        if "TORCH_EXTENSIONS_DIR" not in os.environ:
-            venv = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
-            os.environ["TORCH_EXTENSIONS_DIR"] = str(Path.home() / ".cache" / "torch_extensions" / f"venv-{venv}")
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-        deepspeed.init_distributed()
-        release_shared_memory()
+        os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(key, None)
+        init_distributed(timeout_s=600)
     assert dist.is_initialized() and dist.get_world_size() == 1
     yield
 
@@ -116,3 +104,12 @@ def demo_assets(tmp_path_factory) -> dict[str, str]:
     cfg = load_config(None, [f"model.clip={root / 'tiny-clip'}", f"demo_dir={root}"])
     prepare_demo(cfg)
     return {"demo_dir": str(root), "model.clip": str(root / "tiny-clip"), "data.shards": str(root / "shards")}
+
+
+@pytest.fixture
+def signals():
+    """Restore the process's SIGTERM/SIGUSR1 handlers after a Trainer installed its preemption watch."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)

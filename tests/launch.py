@@ -1,29 +1,31 @@
 """Starting real training processes from tests: the deepspeed launcher with 2 CPU ranks, and their outputs."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from dsmoe.config import REPO_ROOT
+from dsmoe.launcher import free_port  # noqa: F401  (tests take their launchers' ports from here)
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 LAUNCH_TIMEOUT = 600
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (for a launcher's --master_port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def extensions_dir() -> str:
+    """Where DeepSpeed's JIT-compiled shared-memory op is cached: one directory per virtual environment, so
+    checkouts on one host neither rebuild each other's op nor wait on each other's build lock."""
+    venv = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions" / f"venv-{venv}")
 
 
 def launch_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
+    env["TORCH_EXTENSIONS_DIR"] = extensions_dir()
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env

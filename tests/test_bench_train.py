@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from dsmoe.config import REPO_ROOT
-from launch import LAUNCH_TIMEOUT, launch_env, run_ok
+from launch import LAUNCH_TIMEOUT, REPO_ROOT, free_port, launch_env, run_ok
 
 pytestmark = pytest.mark.integration
 BENCH = str(REPO_ROOT / "tools" / "bench_train.py")
@@ -17,7 +16,7 @@ TINY = ("--set", "model.image_size=[16, 24]", "--set", "model.text_length=16")
 
 
 def test_bench_reports_speed_and_memory_with_experts_over_two_ranks(tiny_clip_dir):
-    out = run_ok([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29690",
+    out = run_ok([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
                   BENCH, "--ds_config", str(REPO_ROOT / "ds_configs" / "zero2_bf16.json"), "--clip", str(tiny_clip_dir),
                   "--batch", "4", "--steps", "2", "--warmup", "1", "--set", "adapter.ep_size=2", *TINY])
     lines = [line[line.index("{"):] for line in out.splitlines() if '"pairs_per_s"' in line]

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dsmoe.config import (CPU_ONLY, DEFAULT_DEMO_CONFIG, REPO_ROOT, ConfigError, DeviceSupport, RunConfig,
-                          compose_ds_config, from_dict, load_config, load_ds_config, to_dict)
+from dsmoe.config import DEFAULT_DEMO_CONFIG, ConfigError, RunConfig, load_config, run_config_from_dict, to_dict
+from dsmoe.ds_config import CPU_ONLY, DeviceSupport, compose_ds_config, load_ds_config
+from launch import REPO_ROOT
 
 CONFIG_DIR = REPO_ROOT / "dsmoe" / "configs"
 RECIPES = sorted(CONFIG_DIR.glob("**/*.yaml")) + sorted(CONFIG_DIR.glob("**/*.yml"))
@@ -31,7 +32,7 @@ def _minimal(**sections) -> dict:
 
 
 def _cfg(**sections) -> RunConfig:
-    cfg = from_dict(RunConfig, _minimal(**sections))
+    cfg = run_config_from_dict(_minimal(**sections))
     cfg.validate()
     return cfg
 
@@ -176,7 +177,7 @@ def test_every_shipped_recipe_loads_and_validates(recipe):
     world = next(w for w in range(ep, 8 * ep + 1, ep) if cfg.train.batch_size % (w * cfg.train.grad_accum) == 0)
     cfg.check_world(world)
     # round trip through the YAML-safe dict
-    assert from_dict(RunConfig, to_dict(cfg)) == cfg
+    assert run_config_from_dict(to_dict(cfg)) == cfg
     assert yaml.safe_load(yaml.safe_dump(to_dict(cfg))) == to_dict(cfg)
 
 
@@ -206,7 +207,7 @@ def test_validate_accepts_consistent_and_dense_adapters():
 @pytest.mark.parametrize("sections,match", [
     ({"model": {"image_size": [0, 32]}}, "image_size"),
     ({"model": {"text_length": 1}}, "text_length"),
-    ({"loss": {"caption_corruption": 1.0}}, "caption_corruption"),
+    ({"dm_adapter": {"caption_corruption": 1.0}}, "caption_corruption"),
     ({"train": {"batch_size": 0}}, "batch_size"),
     ({"data": {"shards": ""}}, "shards"),
 ])
@@ -334,3 +335,48 @@ def test_load_ds_config_errors(tmp_path):
     bad.write_text("{\"train_batch_size\": }")
     with pytest.raises(ConfigError, match="JSON"):
         load_ds_config(bad)
+
+
+# ---------------------------------------------------------------- methods own their sections
+
+
+def test_an_unknown_method_is_refused_with_the_known_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"method: 'irra' is not a method dsmoe knows \(known: dasd, dm_adapter\)"):
+        load_config(_write(tmp_path, _minimal(method="irra")))
+
+
+def test_each_method_reads_its_own_section(tmp_path):
+    cfg = load_config(_write(tmp_path, _minimal(dm_adapter={"lb_weight": 0.25})))
+    assert type(cfg.method_config).__name__ == "DMAdapterConfig" and cfg.method_config.lb_weight == 0.25
+    assert to_dict(cfg)["dm_adapter"]["lb_weight"] == 0.25 and "method_config" not in to_dict(cfg)
+    with pytest.raises(ConfigError, match="section 'dasd' belongs to method dasd; this config's method is dm_adapter"):
+        load_config(_write(tmp_path, _minimal(dasd={"languages": ["de"]})))
+    with pytest.raises(ConfigError, match="unknown key 'method_config'"):
+        load_config(_write(tmp_path, _minimal(method_config={})))
+
+
+@pytest.mark.parametrize("old,new", [("loss.lb_weight", "dm_adapter.lb_weight"),
+                                     ("adapter.image_scale", "dm_adapter.image_scale"),
+                                     ("dasd.init_from", "train.init_from")])
+def test_keys_that_moved_say_where_to(tmp_path, old, new):
+    section, key = old.split(".")
+    with pytest.raises(ConfigError, match=f"'{old}' is now '{new}'"):
+        load_config(_write(tmp_path, _minimal(**{section: {key: 1}})))
+
+
+def test_a_new_method_registers_itself_without_touching_the_shared_config(tmp_path):
+    from dataclasses import dataclass
+
+    from dsmoe import methods
+
+    @dataclass
+    class EchoConfig(methods.MethodSettings):
+        width: int = 3
+
+    methods.register("echo", EchoConfig, "builtins:repr")
+    try:
+        cfg = load_config(_write(tmp_path, _minimal(method="echo", echo={"width": 5})))
+        assert cfg.method_config == EchoConfig(width=5) and cfg.stage_runs() == [cfg]
+        assert methods.get_method(cfg) == repr(cfg)  # built by the registered "module:function"
+    finally:
+        methods._METHODS.pop("echo")

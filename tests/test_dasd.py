@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsmoe.config import ConfigError, load_config, stage_configs
+from dsmoe.config import DEFAULT_DEMO_CONFIG, ConfigError, load_config
 from dsmoe.data.pipeline import TranslationPairs
 
 TARGET_CAPTIONS = ["oder aa ni ot ka", "ka lu mi zo te ra", "ni po sa qe vu di zo", "te ra ka oder aa"]
@@ -23,8 +23,8 @@ def tiny_mbert_dir(tmp_path_factory) -> Path:
 
 
 def dasd_config(clip_dir: Path, mbert_dir: Path, *extra: str):
-    return load_config(None, [
-        "method=dasd", "demo=false", "data.shards=/unused", f"model.clip={clip_dir}", "model.image_size=[16, 16]",
+    return load_config(DEFAULT_DEMO_CONFIG.parent.parent / "dasd" / "demo.yaml", [
+        "demo=false", "data.shards=/unused", f"model.clip={clip_dir}", "model.image_size=[16, 16]",
         "model.text_length=12", "adapter.router=language", "adapter.num_experts=2", "adapter.top_k=1",
         "adapter.ep_size=1", "dasd.languages=[xx, yy]", f"dasd.tokenizer={mbert_dir}", f"dasd.embeddings={mbert_dir}",
         "dasd.adapter_rank=4", "dasd.generator_dim=8", "dasd.extractor_hidden=8", *extra])
@@ -32,7 +32,7 @@ def dasd_config(clip_dir: Path, mbert_dir: Path, *extra: str):
 
 @pytest.fixture
 def method(tiny_clip_dir, tiny_mbert_dir, wire):
-    from dsmoe.methods.dasd import DASDMethod
+    from dsmoe.methods.dasd.method import DASDMethod
 
     m = DASDMethod(dasd_config(tiny_clip_dir, tiny_mbert_dir))
     m.model = wire(m.build())
@@ -61,7 +61,7 @@ def _randomise_up(model) -> None:
 
 
 def test_dynamic_adapter_expert_applies_the_generated_matrix():
-    from dsmoe.methods.dasd import DynamicAdapterExpert
+    from dsmoe.methods.dasd.model import DynamicAdapterExpert
 
     expert = DynamicAdapterExpert(width=6, rank=3, z_dim=5)
     expert.reset_parameters(torch.Generator().manual_seed(0))
@@ -83,7 +83,7 @@ def test_language_routing_sends_every_token_to_its_language_expert(method):
     _randomise_up(model)
     layer = model.adapters[0]
     x = torch.randn(4, 5, model.backbone.text_width)
-    z = torch.randn(4, method.cfg.dasd.generator_dim)
+    z = torch.randn(4, method.settings.generator_dim)
     language = torch.tensor([1, 0, 1, 1])
     out = layer(x, z, language)
     assert layer.expert_counts.tolist() == [1 * 5, 3 * 5]  # all tokens, none dropped
@@ -119,7 +119,7 @@ def test_adapters_start_as_identity_and_disentangling_readouts(method):
 
 def test_cla_and_cma_losses_follow_the_formulas(tiny_clip_dir, tiny_mbert_dir, wire):
     from dsmoe.losses import symmetric_info_nce
-    from dsmoe.methods.dasd import DASDMethod
+    from dsmoe.methods.dasd.method import DASDMethod
 
     for stage in ("cla", "cma"):
         m = DASDMethod(dasd_config(tiny_clip_dir, tiny_mbert_dir, f"dasd.stage={stage}"))
@@ -169,7 +169,7 @@ def test_trainable_parameters_are_the_target_text_path(method):
     # the table starts from the "mBERT" word embeddings
     from transformers import AutoModel
 
-    table = AutoModel.from_pretrained(method.cfg.dasd.embeddings).get_input_embeddings().weight
+    table = AutoModel.from_pretrained(method.settings.embeddings).get_input_embeddings().weight
     assert torch.equal(method.model.embedding.weight.detach(), table.detach())
 
 
@@ -188,6 +188,7 @@ def test_dasd_config_checks_and_stages(tiny_clip_dir, tiny_mbert_dir):
     with pytest.raises(ConfigError, match="domain_aware"):
         dasd_config(tiny_clip_dir, tiny_mbert_dir, "adapter.router=domain_aware", "adapter.top_k=2")
     cfg = dasd_config(tiny_clip_dir, tiny_mbert_dir, "train.output_dir=/runs/x", "dasd.cla={epochs: 3, lr: 0.1}")
-    cla, cma = stage_configs(cfg)
-    assert (cla.dasd.stage, cla.train.output_dir, cla.train.epochs, cla.optim.lr) == ("cla", "/runs/x/cla", 3, 0.1)
-    assert (cma.dasd.stage, cma.train.output_dir, cma.dasd.init_from) == ("cma", "/runs/x/cma", "/runs/x/cla")
+    cla, cma = cfg.stage_runs()
+    assert (cla.method_config.stage, cla.train.output_dir, cla.train.epochs, cla.optim.lr) == \
+        ("cla", "/runs/x/cla", 3, 0.1)
+    assert (cma.method_config.stage, cma.train.output_dir, cma.train.init_from) == ("cma", "/runs/x/cma", "/runs/x/cla")

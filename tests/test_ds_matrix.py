@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
-from dsmoe.config import (CPU_ONLY, REPO_ROOT, ConfigError, DeviceSupport, compose_ds_config, load_config,
-                          load_ds_config)
-from launch import (LAUNCH_TIMEOUT, cpu_fp16_env, launch_env, latest_tag, logged_losses, logged_records, run_ok,
-                    train_cmd)
+from dsmoe.config import ConfigError, load_config
+from dsmoe.ds_config import CPU_ONLY, DeviceSupport, compose_ds_config, load_ds_config
+from launch import (LAUNCH_TIMEOUT, REPO_ROOT, cpu_fp16_env, free_port, latest_tag, launch_env, logged_losses,
+                   logged_records, run_ok, train_cmd)
+from trainers import make_trainer
 
 pytestmark = pytest.mark.integration
 CONFIGS = sorted(p.name for p in (REPO_ROOT / "ds_configs").glob("*.json"))
@@ -20,7 +21,7 @@ CONFIGS = sorted(p.name for p in (REPO_ROOT / "ds_configs").glob("*.json"))
 
 @pytest.mark.parametrize("ds_config", CONFIGS)
 def test_every_ds_config_trains_with_experts_over_two_ranks(ds_config, demo_assets, tmp_path):
-    port = 29650 + CONFIGS.index(ds_config)
+    port = free_port()
     env = launch_env()
     fp16 = load_ds_config(REPO_ROOT / "ds_configs" / ds_config).get("fp16", {}).get("enabled")
     if fp16 and not DeviceSupport.detect().fp16:
@@ -61,7 +62,7 @@ def _reference_norm(clip_dir: str) -> float:
     sys.path.insert(0, str(REPO_ROOT / "tests" / "scripts"))
     from grad_norm_probe import probe_batch, probe_config
 
-    from dsmoe.methods.base import get_method
+    from dsmoe.methods import get_method
     from dsmoe.moe.adapter import AdapterBranch
 
     method = get_method(probe_config(clip_dir, ep_size=1))
@@ -78,7 +79,7 @@ def _reference_norm(clip_dir: str) -> float:
 @pytest.mark.parametrize("stage", [1, 2])
 def test_global_grad_norm_with_expert_parallelism_matches_one_process(stage, demo_assets, tmp_path, dist_env):
     out = tmp_path / "norm.json"
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(29680 + stage),
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            str(REPO_ROOT / "tests" / "scripts" / "grad_norm_probe.py"), "--clip", demo_assets["model.clip"],
            "--ds_config", str(REPO_ROOT / "ds_configs" / f"zero{stage}_fp32.json"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True,
@@ -114,9 +115,9 @@ def test_configurations_deepspeed_gets_wrong_fail_early(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_export_round_trip_and_resume_across_world_sizes(demo_assets, tmp_path):
+def test_export_round_trip_and_resume_across_world_sizes(demo_assets, dist_env, signals, capsys, tmp_path):
     run = tmp_path / "run"
-    run_ok(train_cmd(demo_assets, run, 29691, "train.max_steps=3"))  # 2 ranks, ep 2
+    run_ok(train_cmd(demo_assets, run, free_port(), "train.max_steps=3"))  # 2 ranks, ep 2
     results = json.loads((run / "results.json").read_text())
 
     # one file with every expert, evaluated in one process without a launcher: the 2-rank scores
@@ -137,17 +138,16 @@ def test_export_round_trip_and_resume_across_world_sizes(demo_assets, tmp_path):
     for key in ("R1", "R5", "R10", "mAP", "mINP"):
         assert scores[key] == pytest.approx(results["test"][key], abs=1e-3)
 
-    # training starts from the file at another layout: 1 rank, ep 1, the exported weights at step 0
-    init = tmp_path / "init"
-    run_ok(train_cmd(demo_assets, init, 29692, "train.max_steps=1", "adapter.ep_size=1", nproc=1,
-                     extra=("--init-from", str(weights))))
-    assert (init / "results.json").is_file()
-
-    # resume the 2-rank / ep 2 checkpoint in 1 rank / ep 1 (weights resharded, optimiser restarted) and back
-    out = run_ok(train_cmd(demo_assets, run, 29693, "train.max_steps=5", "adapter.ep_size=1", nproc=1))
-    assert "was saved with {'world_size': 2, 'ep_size': 2}" in out and "optimiser state restarts" in out
-    assert "resumed from" in out and latest_tag(run) == "step00000005"
-    out = run_ok(train_cmd(demo_assets, run, 29694, "train.max_steps=7"))
+    # in one process (ep 1): training starts from the file, every expert of the ep-2 run in place ...
+    init = make_trainer(demo_assets, tmp_path / "init", "train.max_steps=1", portable_init=str(weights))
+    assert init.train()["start_label"] == "at start"
+    # ... and the 2-rank / ep 2 checkpoint resumes (weights resharded, optimiser restarted); then back to 2 ranks
+    resumed = make_trainer(demo_assets, run, "train.max_steps=5")
+    assert resumed.resume("auto") and resumed.engine.global_steps == 3
+    assert "was saved with {'world_size': 2, 'ep_size': 2}" in capsys.readouterr().out
+    resumed.train()
+    assert latest_tag(run) == "step00000005"
+    out = run_ok(train_cmd(demo_assets, run, free_port(), "train.max_steps=7"))
     assert "was saved with {'world_size': 1, 'ep_size': 1}" in out
     assert latest_tag(run) == "step00000007"
     losses = logged_losses(run)

@@ -2,6 +2,7 @@
 without running code, full disks named, nothing left in /dev/shm."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 import faulty_shards as fs
-from dsmoe.config import REPO_ROOT, ConfigError, load_config
+from dsmoe.config import ConfigError, load_config
+from launch import REPO_ROOT
 from dsmoe.data.faults import FaultLog, SampleFault, bad_sample_limit, summarize
 from dsmoe.data.pipeline import EvalImages, TrainStream, TrainStreamConfig, train_loader
 from dsmoe.shards.format import read_split
@@ -180,20 +182,23 @@ def test_summary_groups_by_shard_and_reason():
     assert summarize(many, lines=10)[-1] == "... and 5 more in 5 other shard/reason groups"
 
 
-@pytest.mark.parametrize("override,message", [
-    ("optim.lr=-1", "optim.lr: -1.0 is out of range: must be > 0"),
-    ("optim.betas=[0.9, 1.0]", "must be in [0, 1)"),
-    ("loss.lb_weight=-0.5", "loss.lb_weight"),
-    ("data.max_bad_share=1.5", "data.max_bad_share"),
-    ("data.max_bad_count=-1", "data.max_bad_count"),
-    ("adapter.capacity_factor=0", "adapter.capacity_factor"),
-    ("train.eval_batch_size=0", "train.eval_batch_size"),
-    ("train.collective_timeout=0", "train.collective_timeout"),
-    ("dasd.cla={epochs: 1, lr: 0}", "dasd.cla.lr"),
+DASD_DEMO = REPO_ROOT / "dsmoe" / "configs" / "dasd" / "demo.yaml"
+
+
+@pytest.mark.parametrize("recipe,override,message", [
+    (None, "optim.lr=-1", "optim.lr: -1.0 is out of range: must be > 0"),
+    (None, "optim.betas=[0.9, 1.0]", "must be in [0, 1)"),
+    (None, "dm_adapter.lb_weight=-0.5", "dm_adapter.lb_weight"),
+    (None, "data.max_bad_share=1.5", "data.max_bad_share"),
+    (None, "data.max_bad_count=-1", "data.max_bad_count"),
+    (None, "adapter.capacity_factor=0", "adapter.capacity_factor"),
+    (None, "train.eval_batch_size=0", "train.eval_batch_size"),
+    (None, "train.collective_timeout=0", "train.collective_timeout"),
+    (DASD_DEMO, "dasd.cla={epochs: 1, lr: 0}", "dasd.cla.lr"),
 ])
-def test_numeric_ranges_are_checked_with_the_config(override, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        load_config(None, [override])
+def test_numeric_ranges_are_checked_with_the_config(recipe, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(recipe, [override])
 
 
 # ---------------------------------------------------------------- a failing rank ends every rank
@@ -252,7 +257,7 @@ class _Plant:
 
 def test_a_planted_pickle_is_refused_and_never_runs(tmp_path):
     from dsmoe.faults import RunError
-    from dsmoe.safe_checkpoint import load_safely
+    from dsmoe.checkpoint_engine import load_safely
 
     marker = tmp_path / "pwned"
     planted = tmp_path / "mp_rank_00_model_states.pt"
@@ -265,22 +270,29 @@ def test_a_planted_pickle_is_refused_and_never_runs(tmp_path):
     assert load_safely(safe)["step"] == 3
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 1 MB tmpfs (a disk that fills up), where the machine lets tests mount one."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, size: str):
+    """A tmpfs of ``size`` at ``where`` (a disk that fills up), where the machine lets tests mount one."""
+    where.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True,
                           text=True)
     if proc.returncode:
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); the injected-OSError tests cover this")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    with mounted_tmpfs(tmp_path / "small", "1m") as mount:
+        yield mount
 
 
 def test_a_full_disk_during_a_checkpoint_write_names_the_file(small_tmpfs):
     from dsmoe.checkpoint import CheckpointWriteError
-    from dsmoe.safe_checkpoint import SafeCheckpointEngine
+    from dsmoe.checkpoint_engine import SafeCheckpointEngine
 
     target = small_tmpfs / "step1" / "mp_rank_00_model_states.pt"
     target.parent.mkdir()
@@ -291,7 +303,7 @@ def test_a_full_disk_during_a_checkpoint_write_names_the_file(small_tmpfs):
 def test_an_injected_write_error_names_the_file(tmp_path, monkeypatch):
     import errno
 
-    from dsmoe import safe_checkpoint
+    from dsmoe import checkpoint_engine
     from dsmoe.checkpoint import CheckpointWriteError
 
     class FullDisk:
@@ -310,10 +322,10 @@ def test_an_injected_write_error_names_the_file(tmp_path, monkeypatch):
         def flush(self):
             pass
 
-    monkeypatch.setattr(safe_checkpoint, "open", FullDisk, raising=False)
+    monkeypatch.setattr(checkpoint_engine, "open", FullDisk, raising=False)
     target = tmp_path / "x.pt"
     with pytest.raises(CheckpointWriteError, match=rf"could not write {target}: no space left on the device"):
-        safe_checkpoint.SafeCheckpointEngine().save({"w": torch.zeros(10)}, str(target))
+        checkpoint_engine.SafeCheckpointEngine().save({"w": torch.zeros(10)}, str(target))
 
 
 def test_publish_names_a_complete_checkpoint_and_staging_leftovers_are_removed(tmp_path):
@@ -415,15 +427,9 @@ def test_too_many_unusable_samples_stop_both_ranks_with_the_shards_named(damaged
 
 @pytest.fixture
 def disk_for_one_checkpoint(tmp_path):
-    """A 3 MB tmpfs: room for one demo checkpoint (1.8 MB) and the run's files, not for two."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if proc.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); the injected-OSError tests cover this")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    """Room for one demo checkpoint (1.8 MB) and the run's files, not for two."""
+    with mounted_tmpfs(tmp_path / "disk", "3m") as mount:
+        yield mount
 
 
 @pytest.mark.integration

@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-from dsmoe.config import REPO_ROOT, DeviceSupport
+from dsmoe.ds_config import DeviceSupport
+from launch import (LAUNCH_TIMEOUT, REPO_ROOT, cpu_fp16_env, free_port, latest_tag, launch_env, logged_losses,
+                   logged_records, run_ok, train_cmd)
 
-from launch import (LAUNCH_TIMEOUT, cpu_fp16_env, launch_env, latest_tag, logged_losses, logged_records, run_ok,
-                    train_cmd)
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 def test_train_checkpoint_resume_evaluate(demo_assets, tmp_path):
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
 
-    out = run_ok(train_cmd(demo_assets, resumed, 29611, "train.max_steps=4", "train.checkpoint_every=2"))
+    out = run_ok(train_cmd(demo_assets, resumed, free_port(), "train.max_steps=4", "train.checkpoint_every=2"))
     assert "ep_size 2" in out and "world size 2" in out
     ckpt = resumed / "checkpoints"
     assert latest_tag(resumed) == "step00000004"
@@ -41,11 +41,11 @@ def test_train_checkpoint_resume_evaluate(demo_assets, tmp_path):
     assert routing and set(routing[-1]) == {"image.0", "image.1", "text.0", "text.1"}
     assert all(len(counts) == 6 for counts in routing[-1].values())
 
-    out = run_ok(train_cmd(demo_assets, resumed, 29612, "train.max_steps=7"))
+    out = run_ok(train_cmd(demo_assets, resumed, free_port(), "train.max_steps=7"))
     assert "resumed from" in out and "step 4" in out
     assert latest_tag(resumed) == "step00000007"
 
-    run_ok(train_cmd(demo_assets, straight, 29613, "train.max_steps=7"))
+    run_ok(train_cmd(demo_assets, straight, free_port(), "train.max_steps=7"))
     a, b = logged_losses(resumed), logged_losses(straight)
     assert set(range(1, 8)) <= set(a) and set(range(1, 8)) <= set(b)
     for step in range(1, 8):  # the resumed run continues on the same data, optimiser and schedule
@@ -74,7 +74,7 @@ def test_train_checkpoint_resume_evaluate(demo_assets, tmp_path):
 
 def test_killed_run_resumes_from_last_checkpoint(demo_assets, tmp_path):
     run_dir = tmp_path / "killed"
-    cmd = train_cmd(demo_assets, run_dir, 29621, "train.checkpoint_every=3", "train.max_steps=30")
+    cmd = train_cmd(demo_assets, run_dir, free_port(), "train.checkpoint_every=3", "train.max_steps=30")
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + LAUNCH_TIMEOUT
@@ -90,7 +90,7 @@ def test_killed_run_resumes_from_last_checkpoint(demo_assets, tmp_path):
     saved_step = int(saved.removeprefix("step"))
     assert saved_step >= 3
 
-    out = run_ok(train_cmd(demo_assets, run_dir, 29622, "train.checkpoint_every=3", f"train.max_steps={saved_step + 2}"))
+    out = run_ok(train_cmd(demo_assets, run_dir, free_port(), "train.checkpoint_every=3", f"train.max_steps={saved_step + 2}"))
     assert f"resumed from {run_dir / 'checkpoints' / saved}" in out
     assert latest_tag(run_dir) == f"step{saved_step + 2:08d}"
 
@@ -126,7 +126,7 @@ def dasd_assets(demo_assets, tmp_path_factory) -> dict[str, str]:
 
 def test_dasd_language_experts_sharded_over_two_ranks(dasd_assets, tmp_path):
     run = tmp_path / "dasd"
-    cmd = train_cmd(dasd_assets, run, 29631, "dasd.cla={epochs: 2, lr: 0.002}", "dasd.cma={epochs: 1, lr: 0.0001}",
+    cmd = train_cmd(dasd_assets, run, free_port(), "dasd.cla={epochs: 2, lr: 0.002}", "dasd.cma={epochs: 1, lr: 0.0001}",
                     "train.batch_size=16", "train.eval_zero_shot=true", "demo=false",
                     extra=("--config", str(REPO_ROOT / "dsmoe" / "configs" / "dasd" / "demo.yaml")))
     out = run_ok(cmd)
@@ -159,7 +159,7 @@ def test_dasd_language_experts_sharded_over_two_ranks(dasd_assets, tmp_path):
 def test_dasd_trains_in_fp16_with_loss_scaling(dasd_assets, tmp_path):
     """The adversarial discriminator keeps its own fp32 optimiser while DeepSpeed runs the model in fp16."""
     run = tmp_path / "dasd"
-    cmd = train_cmd(dasd_assets, run, 29632, "dasd.stages=[cla]", "dasd.cla={epochs: 2, lr: 0.002}",
+    cmd = train_cmd(dasd_assets, run, free_port(), "dasd.stages=[cla]", "dasd.cla={epochs: 2, lr: 0.002}",
                     "train.batch_size=16", "demo=false", ds_config="zero2_fp16.json",
                     extra=("--config", str(REPO_ROOT / "dsmoe" / "configs" / "dasd" / "demo.yaml")))
     out = run_ok(cmd, env=launch_env() if DeviceSupport.detect().fp16 else cpu_fp16_env())

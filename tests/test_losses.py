@@ -146,7 +146,7 @@ def test_lb_perfect_balance_is_k_over_e() -> None:
     probs, idx = _balanced_routing(12, 6, 2)
     value = load_balancing_loss(probs, idx, 6)
     assert float(value) == pytest.approx(2 / 6, abs=1e-7)
-    # DESIGN.md: weight 0.5, summed over 24 layers, at balance: about 4.0.
+    # the paper's setting: weight 0.5, summed over 24 layers, at balance: about 4.0.
     assert float(sum(0.5 * load_balancing_loss(probs, idx, 6) for _ in range(24))) == pytest.approx(4.0, abs=1e-5)
     probs, idx = _balanced_routing(8, 4, 1)
     assert float(load_balancing_loss(probs, idx, 4)) == pytest.approx(1 / 4, abs=1e-7)

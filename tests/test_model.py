@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from dsmoe.backbones.clip import FrozenCLIP, resize_position_embedding
-from dsmoe.config import AdapterConfig, RunConfig, from_dict
+from dsmoe.config import AdapterConfig, RunConfig, run_config_from_dict
 from dsmoe.data.text import CaptionEncoder
 from dsmoe.losses import load_balancing_loss, sdm_loss
-from dsmoe.moe.adapter import AdapterBranch, BottleneckExpert, expert_parallel_rank, expert_seed
+from dsmoe.moe.adapter import AdapterBranch, BottleneckExpert
+from dsmoe.moe.layer import expert_parallel_rank, expert_seed
 from dsmoe.moe.gates import DomainAwareRouter, LinearRouter
 
 DIM = 16
@@ -268,7 +269,7 @@ def test_non_square_backbone_uses_the_resized_positions(tiny_clip):
 
 
 def _run_config(clip_dir, **adapter) -> RunConfig:
-    return from_dict(RunConfig, {
+    return run_config_from_dict({
         "model": {"clip": str(clip_dir), "image_size": [24, 16], "text_length": 12},
         "adapter": {"num_experts": 4, "top_k": 2, "ep_size": 1, "bottleneck_ratio": 4, **adapter},
         "data": {"shards": "unused"},
@@ -278,7 +279,7 @@ def _run_config(clip_dir, **adapter) -> RunConfig:
 
 @pytest.fixture
 def dm_model(tiny_clip_dir, wire):
-    from dsmoe.methods.dm_adapter import DMAdapterMethod
+    from dsmoe.methods.dm_adapter.method import DMAdapterMethod
 
     cfg = _run_config(tiny_clip_dir)
     method = DMAdapterMethod(cfg)
@@ -331,10 +332,10 @@ def test_dm_adapter_loss_is_sdm_plus_weighted_lb_over_all_layers(dm_model):
         expected_lb = expected_lb + load_balancing_loss(torch.softmax(logits, -1), logits.topk(2, -1).indices, 4)
     with torch.no_grad():
         expected_sdm = sdm_loss(model.encode_image(batch["image"]), model.encode_text(batch["text"], batch["eot"]),
-                                batch["pid"], logit_scale=cfg.loss.logit_scale)
+                                batch["pid"], logit_scale=cfg.method_config.logit_scale)
     torch.testing.assert_close(out["lb"], expected_lb, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["sdm"], expected_sdm, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out["loss"].detach(), expected_sdm + cfg.loss.lb_weight * expected_lb,
+    torch.testing.assert_close(out["loss"].detach(), expected_sdm + cfg.method_config.lb_weight * expected_lb,
                                rtol=1e-5, atol=1e-6)
     # each layer's loss is between k/E (balanced) and 1 (collapsed)
     for branch in model.branches().values():
@@ -388,7 +389,7 @@ def test_backward_and_adam_step_change_only_trainable_parameters(dm_model):
 
 
 def test_dense_dm_adapter_has_zero_routing_loss(tiny_clip_dir):
-    from dsmoe.methods.dm_adapter import DMAdapterMethod
+    from dsmoe.methods.dm_adapter.method import DMAdapterMethod
 
     method = DMAdapterMethod(_run_config(tiny_clip_dir, router="dense"))
     model = method.build()
@@ -402,7 +403,7 @@ def test_dense_dm_adapter_has_zero_routing_loss(tiny_clip_dir):
 
 
 def test_lr_factor_warmup_then_cosine():
-    from dsmoe.engine import lr_factor
+    from dsmoe.optim import lr_factor
 
     warmup, total, start = 10, 110, 0.1
     assert lr_factor(0, warmup, total, start) == pytest.approx(start)
@@ -420,10 +421,10 @@ def test_lr_factor_warmup_then_cosine():
 
 
 def test_param_groups_split_decay_and_no_decay(dm_model):
-    from dsmoe.engine import param_groups
+    from dsmoe.optim import param_groups
 
     cfg, model, _ = dm_model
-    groups = param_groups(model, cfg)
+    groups = param_groups(model, cfg.optim)
     assert [g["name"] for g in groups] == ["decay", "no_decay"]
     decay, no_decay = groups
     assert decay["weight_decay"] == cfg.optim.weight_decay

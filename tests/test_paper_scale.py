@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dsmoe.backbones.clip import FrozenCLIP
 from dsmoe.backbones.clip import random_vit_b16_clip as vit_b16_clip
-from dsmoe.config import REPO_ROOT, load_config
-from dsmoe.engine import trainable_parameters
-from dsmoe.methods.dm_adapter import DMAdapter
+from dsmoe.config import load_config
+from launch import REPO_ROOT
+from dsmoe.optim import trainable_parameters
+from dsmoe.methods.dm_adapter.method import DMAdapter
 
 
 def test_vit_b16_dm_adapter_has_about_16m_trainable_parameters():
@@ -31,7 +32,7 @@ def test_vit_b16_dasd_trainable_parameters(dist_env):
     size (random here: the real run loads bert-base-multilingual-cased's word embeddings)."""
     import torch
 
-    from dsmoe.methods.dasd import DASD
+    from dsmoe.methods.dasd.model import DASD
 
     cfg = load_config(REPO_ROOT / "dsmoe" / "configs" / "dasd" / "multi30k_finetune.yaml",
                       ["dasd.languages=[de]", "adapter.num_experts=1"])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dsmoe.config import REPO_ROOT
+from launch import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 

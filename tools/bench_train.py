@@ -27,16 +27,16 @@ try:
 except ImportError:  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import deepspeed  # noqa: E402
 import torch  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 from dsmoe import distributed  # noqa: E402
 from dsmoe.backbones.clip import FrozenCLIP, load_clip, random_vit_b16_clip  # noqa: E402
-from dsmoe.config import (REPO_ROOT, ConfigError, DeviceSupport, RunConfig, compose_ds_config,  # noqa: E402
-                          load_config, load_ds_config)
-from dsmoe.engine import device_for, engine_dtype, param_groups, trainable_parameters  # noqa: E402
-from dsmoe.methods.dm_adapter import DMAdapter  # noqa: E402
+from dsmoe.config import DEFAULT_DEMO_CONFIG, ConfigError, RunConfig, load_config  # noqa: E402
+from dsmoe.ds_config import DEFAULT, DeviceSupport, compose_ds_config, load_ds_config  # noqa: E402
+from dsmoe.engine import build_training_engine, device_for  # noqa: E402
+from dsmoe.launcher import launched_world_size  # noqa: E402
+from dsmoe.methods.dm_adapter.method import DMAdapter  # noqa: E402
 
 RANDOM_VIT_B16 = "random-vit-b16"
 MIB = 2 ** 20
@@ -44,8 +44,8 @@ MIB = 2 ** 20
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ds_config", "--deepspeed_config", default=str(REPO_ROOT / "ds_configs" / "zero2.json"))
-    parser.add_argument("--config", default=str(REPO_ROOT / "dsmoe" / "configs" / "dm_adapter" / "cuhk_pedes.yaml"))
+    parser.add_argument("--ds_config", "--deepspeed_config", default=str(DEFAULT))
+    parser.add_argument("--config", default=str(DEFAULT_DEMO_CONFIG.parent / "cuhk_pedes.yaml"))
     parser.add_argument("--clip", default=RANDOM_VIT_B16, help=f"{RANDOM_VIT_B16}, or a CLIP path or hub id")
     parser.add_argument("--batch", type=int, default=16, help="image-caption pairs per rank and step")
     parser.add_argument("--steps", type=int, default=10)
@@ -80,7 +80,7 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    world = distributed.launched_world_size()
+    world = launched_world_size()
     try:
         cfg = load_config(args.config, [f"train.batch_size={args.batch * world}", "train.grad_accum=1", *args.set])
         cfg.check_world(world)
@@ -88,13 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rank, world, local_rank = distributed.init_distributed()
+    rank, world, local_rank = distributed.init_distributed(cfg.train.collective_timeout)
     device = device_for(local_rank)
     torch.manual_seed(cfg.train.seed)
     clip = random_vit_b16_clip() if args.clip == RANDOM_VIT_B16 else load_clip(args.clip)
-    model = DMAdapter(cfg, FrozenCLIP(clip, cfg.model.image_size))
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg), config=ds)
-    dtype, vocab = engine_dtype(engine), clip.config.text_config.vocab_size
+    steps = args.warmup + args.steps
+    built = build_training_engine(cfg, DMAdapter(cfg, FrozenCLIP(clip, cfg.model.image_size)), ds,
+                                  total_steps=steps, warmup_steps=0)
+    engine = built.engine
+    dtype, vocab = built.dtype, clip.config.text_config.vocab_size
     accelerator = get_accelerator()
     times = []
     for step in range(args.warmup + args.steps):
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             "zero_stage": ds.get("zero_optimization", {}).get("stage", 0), "dtype": str(dtype).removeprefix("torch."),
             "clip": args.clip, "image_size": list(cfg.model.image_size), "text_length": cfg.model.text_length,
             "experts": cfg.adapter.num_experts, "top_k": cfg.adapter.top_k, "batch_per_rank": args.batch,
-            "trainable_params_rank0": sum(p.numel() for p in trainable_parameters(model).values()),
+            "trainable_params_rank0": built.trainable_parameters,
             "steps": args.steps, "step_s_median": round(step_s, 4), "step_s_max": round(max(times), 4),
             "pairs_per_s": round(args.batch * world / step_s, 2), **peak_memory(device)}), flush=True)
     distributed.shutdown()

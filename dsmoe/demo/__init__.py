@@ -21,6 +21,7 @@ from dsmoe.config import ModelConfig, RunConfig
 from dsmoe.demo.models import build_tiny_mbert, ensure_tiny_clip
 from dsmoe.demo.multi30k import DEMO_LANGUAGES, make_synthetic_multi30k
 from dsmoe.demo.people import make_synthetic_pedes
+from dsmoe.methods.dasd.config import DASDConfig
 
 
 def _make_shards(*args: str) -> None:
@@ -77,7 +78,7 @@ def prepare_dasd_demo(cfg: RunConfig) -> None:
     task = raw / "data" / "task1" / "raw"
     english = (task / "train.en").read_text().splitlines()
     ensure_tiny_clip(Path(cfg.model.clip), english)
-    mbert = Path(cfg.dasd.tokenizer)
+    mbert = Path(DASDConfig.of(cfg).tokenizer)
     if not (mbert / "config.json").is_file():
         build_tiny_mbert(mbert, [line for lang in DEMO_LANGUAGES for line in (task / f"train.{lang}").read_text()
                                  .splitlines()])

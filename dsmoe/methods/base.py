@@ -1,7 +1,7 @@
-"""What the training loop needs from a method, and the registry of methods."""
+"""What the training loop needs from a method (``Method``) and from the model it builds (``RetrievalModel``)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -10,7 +10,21 @@ from dsmoe.config import RunConfig
 from dsmoe.shards.format import SOURCE_LANGUAGE
 
 if TYPE_CHECKING:
-    from dsmoe.engine import Evaluator
+    from dsmoe.evaluation import Evaluator
+
+
+class RetrievalModel(Protocol):
+    """The model a method builds, as the loop and the evaluator use it (an ``nn.Module`` wrapped by DeepSpeed)."""
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A training batch -> ``{"loss": scalar, ...}``: the loss to minimise and other parts to log (0-d tensors
+        are logged; anything else, e.g. features the method's ``backward`` needs, is passed through)."""
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] (or videos [B, N, 3, H, W]) normalised pixels -> [B, D] image features."""
+
+    def expert_counts(self) -> dict[str, list[int]]:
+        """Tokens routed to each expert in the last forward, per MoE layer (empty without experts)."""
 
 
 class Method:
@@ -27,7 +41,7 @@ class Method:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
 
-    def build(self) -> nn.Module:
+    def build(self) -> RetrievalModel:
         raise NotImplementedError
 
     def train_texts(self):
@@ -57,13 +71,3 @@ class Method:
     def scalars(out: dict) -> dict[str, float]:
         """Loss parts to log: the 0-d tensors of the forward's output."""
         return {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
-
-
-def get_method(cfg: RunConfig) -> Method:
-    if cfg.method == "dm_adapter":
-        from dsmoe.methods.dm_adapter import DMAdapterMethod
-
-        return DMAdapterMethod(cfg)
-    from dsmoe.methods.dasd import DASDMethod, EnglishFinetuneMethod
-
-    return EnglishFinetuneMethod(cfg) if cfg.dasd.stage == "english" else DASDMethod(cfg)

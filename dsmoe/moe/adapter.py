@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import math
-import os
-import zlib
 
 import torch
-from deepspeed.moe.layer import MoE
 from torch import nn
 
 from dsmoe.config import AdapterConfig
 from dsmoe.moe.gates import DomainAwareRouter, LinearRouter
+from dsmoe.moe.layer import build_moe, init_expert
 
 ROUTERS = {"domain_aware": DomainAwareRouter, "linear": LinearRouter}
 
@@ -35,20 +33,6 @@ class BottleneckExpert(nn.Module):
         return self.up(self.act(self.down(x)))
 
 
-def expert_parallel_rank(ep_size: int) -> int:
-    """This process's rank inside its expert-parallel group.
-
-    DeepSpeed builds expert-parallel groups from consecutive ranks ([0..ep-1], [ep..2ep-1], ...); the
-    engine checks this assumption after ``deepspeed.initialize`` (see ``check_expert_placement``).
-    """
-    return int(os.environ.get("RANK", "0")) % ep_size
-
-
-def expert_seed(seed: int, branch: str, global_expert: int) -> int:
-    """Seed of one expert's initialisation: the same whatever the world size or ep_size."""
-    return zlib.crc32(f"{seed}/{branch}/{global_expert}".encode())
-
-
 class AdapterBranch(nn.Module):
     """``norm`` then either a DeepSpeed MoE of bottleneck experts or one dense bottleneck adapter.
 
@@ -64,20 +48,13 @@ class AdapterBranch(nn.Module):
         self.expert_counts: torch.Tensor | None = None
         if cfg.router == "dense":
             self.adapter = BottleneckExpert(dim, hidden)
-            self.adapter.reset_parameters(torch.Generator().manual_seed(expert_seed(seed, branch, 0)))
+            init_expert(self.adapter, seed, branch, 0)
             self.moe = None
             return
         self.adapter = None
-        self.moe = MoE(dim, BottleneckExpert(dim, hidden), num_experts=cfg.num_experts, ep_size=cfg.ep_size,
-                       k=cfg.top_k, drop_tokens=cfg.capacity_factor is not None, use_rts=False,
-                       top2_2nd_expert_sampling=False)
-        # Install the router before deepspeed.initialize, so it joins the expert-parallel group and the optimiser.
-        self.moe.deepspeed_moe.gate = ROUTERS[cfg.router](dim, cfg.num_experts, cfg.top_k, cfg.capacity_factor)
-        # DeepSpeed deep-copies one expert: give each its own initialisation, keyed by its global index.
-        experts = self.moe.deepspeed_moe.experts.deepspeed_experts
-        first = expert_parallel_rank(cfg.ep_size) * len(experts)
-        for local, expert in enumerate(experts):
-            expert.reset_parameters(torch.Generator().manual_seed(expert_seed(seed, branch, first + local)))
+        router = ROUTERS[cfg.router]
+        self.moe = build_moe(dim, BottleneckExpert(dim, hidden), cfg,
+                             lambda: router(dim, cfg.num_experts, cfg.top_k, cfg.capacity_factor), branch, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)

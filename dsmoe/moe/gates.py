@@ -3,9 +3,10 @@
 DeepSpeed's ``MOELayer`` calls ``gate(tokens [S, d], used_token, sparse_routes=True, use_tutel)`` and
 expects the sparse-route tuple ``(l_aux, capacity, num_experts, indices [k, S], locations [k, S],
 gates [k, S], exp_counts [E])``. Our routers compute their own logits and route every token to its
-top-k experts with no gating noise and no capacity limit (no token is ever dropped): the capacity
-is the largest per-expert load, agreed across the expert-parallel group so the all-to-all buffers
-match on every rank.
+top-k experts with no gating noise. Without ``adapter.capacity_factor`` (the papers' setting) no token is
+dropped: the capacity is the largest per-expert load, agreed across the expert-parallel group so the
+all-to-all buffers match on every rank. With a capacity factor, routes beyond an expert's capacity are
+dropped (they add nothing to the token's output).
 """
 from __future__ import annotations
 

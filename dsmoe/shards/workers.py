@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
+from dsmoe.files import write_atomic
 from dsmoe.shards.records import ShardWriteError, writing
 from dsmoe.shards.tar import TarWriter, sha256_file
 from dsmoe.shards.tasks import PrepTask, Probe, Sample, ShardResult, ShardTask, Work
@@ -112,13 +113,8 @@ def prepare(task: PrepTask) -> list[Probe]:
     probes = [_prepare_one(work, task, spill, name) for work in task.work]
     if spill:
         path = Path(task.spill_dir) / name
-        tmp = path.with_name(f"{name}.tmp-{os.getpid()}")
-        try:
-            with writing(tmp):
-                tmp.write_bytes(spill)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with writing(path):
+            write_atomic(path, bytes(spill))
     return probes
 
 

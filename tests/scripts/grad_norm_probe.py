@@ -16,15 +16,16 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from dsmoe import distributed  # noqa: E402
-from dsmoe.config import CPU_ONLY, compose_ds_config, load_config, load_ds_config  # noqa: E402
-from dsmoe.engine import param_groups  # noqa: E402
-from dsmoe.methods.base import get_method  # noqa: E402
+from dsmoe.config import load_config  # noqa: E402
+from dsmoe.ds_config import CPU_ONLY, compose_ds_config, load_ds_config  # noqa: E402
+from dsmoe.optim import param_groups  # noqa: E402
+from dsmoe.methods import get_method  # noqa: E402
 
 
 def probe_config(clip_dir: str, ep_size: int):
     return load_config(None, ["demo=false", "data.shards=/unused", f"model.clip={clip_dir}", f"adapter.ep_size={ep_size}",
                               "model.image_size=[32, 32]", "model.text_length=16", "train.batch_size=8",
-                              "loss.caption_corruption=0", "optim.grad_clip=0"])
+                              "dm_adapter.caption_corruption=0", "optim.grad_clip=0"])
 
 
 def probe_batch(method, rank: int, size: int = 4) -> dict:
@@ -49,7 +50,7 @@ def main() -> None:
     method = get_method(cfg)
     model = method.build()
     ds = compose_ds_config(load_ds_config(args.ds_config), cfg, world, CPU_ONLY)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg), config=ds)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim), config=ds)
     out = engine(probe_batch(method, rank))
     engine.backward(out["loss"])
     engine.step()

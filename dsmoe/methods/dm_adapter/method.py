@@ -13,21 +13,23 @@ from dsmoe.backbones.clip import FrozenCLIP, load_clip
 from dsmoe.config import RunConfig
 from dsmoe.data.pipeline import CaptionPairs
 from dsmoe.data.text import CaptionEncoder, load_tokenizer
-from dsmoe.shards.format import SOURCE_LANGUAGE
 from dsmoe.losses import sdm_loss
 from dsmoe.methods.base import Method
+from dsmoe.methods.dm_adapter.config import DMAdapterConfig
 from dsmoe.metrics import rank_metrics
 from dsmoe.moe.adapter import AdapterBranch
+from dsmoe.shards.format import SOURCE_LANGUAGE
 
 
 class DMAdapter(nn.Module):
     def __init__(self, cfg: RunConfig, backbone: FrozenCLIP):
         super().__init__()
         self.backbone = backbone
-        self.image_scale = cfg.adapter.image_scale
-        self.text_scale = cfg.adapter.text_scale
-        self.logit_scale = cfg.loss.logit_scale
-        self.lb_weight = cfg.loss.lb_weight
+        settings = DMAdapterConfig.of(cfg)
+        self.image_scale = settings.image_scale
+        self.text_scale = settings.text_scale
+        self.logit_scale = settings.logit_scale
+        self.lb_weight = settings.lb_weight
         seed = cfg.train.seed
         self.image_adapters = nn.ModuleList(
             AdapterBranch(backbone.image_width, cfg.adapter, f"image.{i}", seed)
@@ -87,7 +89,7 @@ class DMAdapterMethod(Method):
         return DMAdapter(self.cfg, FrozenCLIP(load_clip(self.cfg.model.clip), self.cfg.model.image_size))
 
     def train_texts(self) -> CaptionPairs:
-        return CaptionPairs(self.captions, SOURCE_LANGUAGE, self.cfg.loss.caption_corruption)
+        return CaptionPairs(self.captions, SOURCE_LANGUAGE, DMAdapterConfig.of(self.cfg).caption_corruption)
 
     def evaluate(self, evaluator, split: str) -> dict:
         model = evaluator.model

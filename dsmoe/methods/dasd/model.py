@@ -14,28 +14,23 @@ DASD; one per language = all target languages trained jointly, sharded by expert
 learned top-k router over several dynamic experts decides.
 
 The adversarial discriminator is not part of the DeepSpeed model: ``Discriminator`` has its own optimiser and
-is stepped by ``DASDMethod`` on detached inputs after each backward, its gradients averaged over all ranks.
+is stepped by ``DASDMethod`` (``method.py``) on detached inputs after each backward, its gradients averaged over all
+ranks. ``EnglishCLIP`` is the optional first stage: all of CLIP fine-tuned on the English captions.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import TopKGate
 from torch import nn
-
-import torch.distributed as dist
 from transformers import AutoModel
 
-from dsmoe.backbones.clip import FrozenCLIP, TrainableCLIP, block_forward, load_clip
+from dsmoe.backbones.clip import FrozenCLIP, TrainableCLIP, block_forward
 from dsmoe.config import RunConfig
-from dsmoe.data.pipeline import CaptionPairs, TranslationPairs
-from dsmoe.data.text import CaptionEncoder, load_tokenizer
-from dsmoe.shards.format import SOURCE_LANGUAGE
-from dsmoe.losses import symmetric_info_nce
-from dsmoe.methods.base import Method
-from dsmoe.metrics import recall_metrics
-from dsmoe.moe.adapter import expert_parallel_rank, expert_seed
+from dsmoe.losses import feature_distillation, semantic_consistency, symmetric_info_nce
+from dsmoe.methods.dasd.config import DASDConfig
 from dsmoe.moe.gates import LanguageRouter, LinearRouter
+from dsmoe.moe.layer import build_moe, init_expert
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +68,7 @@ class DynamicAdapterLayer(nn.Module):
 
     def __init__(self, cfg: RunConfig, width: int, index: int):
         super().__init__()
-        d, a = cfg.dasd, cfg.adapter
+        d, a = DASDConfig.of(cfg), cfg.adapter
         self.width = width
         expert = DynamicAdapterExpert(width, d.adapter_rank, d.generator_dim)
         channels = width + d.generator_dim + 1
@@ -81,18 +76,16 @@ class DynamicAdapterLayer(nn.Module):
         if a.router == "dense":
             self.moe = None
             self.adapter = expert
-            expert.reset_parameters(torch.Generator().manual_seed(expert_seed(cfg.train.seed, branch, 0)))
+            init_expert(expert, cfg.train.seed, branch, 0)
         else:
             self.adapter = None
-            self.moe = MoE(channels, expert, num_experts=a.num_experts, ep_size=a.ep_size, k=a.top_k,
-                           drop_tokens=a.capacity_factor is not None, use_rts=False, top2_2nd_expert_sampling=False)
-            router = LanguageRouter(a.num_experts, a.capacity_factor) if a.router == "language" else \
-                LinearRouter(channels, a.num_experts, a.top_k, a.capacity_factor, route_dim=width)
-            self.moe.deepspeed_moe.gate = router
-            experts = self.moe.deepspeed_moe.experts.deepspeed_experts
-            first = expert_parallel_rank(a.ep_size) * len(experts)
-            for local, e in enumerate(experts):
-                e.reset_parameters(torch.Generator().manual_seed(expert_seed(cfg.train.seed, branch, first + local)))
+
+            def router() -> TopKGate:
+                if a.router == "language":
+                    return LanguageRouter(a.num_experts, a.capacity_factor)
+                return LinearRouter(channels, a.num_experts, a.top_k, a.capacity_factor, route_dim=width)
+
+            self.moe = build_moe(channels, expert, a, router, branch, cfg.train.seed)
         self.expert_counts: torch.Tensor | None = None
         self.lb_loss: torch.Tensor | None = None
 
@@ -145,7 +138,7 @@ def mismatched(g: torch.Tensor) -> torch.Tensor:
 class DASD(nn.Module):
     def __init__(self, cfg: RunConfig, backbone: FrozenCLIP, embeddings: torch.Tensor):
         super().__init__()
-        d = cfg.dasd
+        d = DASDConfig.of(cfg)
         self.stage = d.stage
         self.consistency_weight = d.consistency_weight
         self.logit_scale = d.logit_scale
@@ -195,10 +188,9 @@ class DASD(nn.Module):
             f_en = self.backbone.encode_text(batch["en_text"], batch["en_eot"]).float()
         feature, f_sr, f_sa = self.encode_target(batch["text"], batch["eot"], batch["language"])
         feature, f_sr = feature.float(), f_sr.float()
-        distill = F.mse_loss(feature, f_en)
+        distill = feature_distillation(feature, f_en)
         if self.stage == "cla":
-            # the release uses SmoothL1 for the consistency term in both stages
-            consistency = F.smooth_l1_loss(f_sr, f_en)
+            consistency = semantic_consistency(f_sr, f_en)
             loss = distill + self.consistency_weight * consistency
             anchor = f_en
             parts = {"mse": distill.detach(), "consistency": consistency.detach()}
@@ -206,106 +198,22 @@ class DASD(nn.Module):
             with torch.no_grad():
                 image = self.backbone.encode_image(batch["image"]).float()
             nce = symmetric_info_nce(image, feature, logit_scale=self.logit_scale)
-            consistency = F.smooth_l1_loss(f_sr, image)
+            consistency = semantic_consistency(f_sr, image)
             loss = nce + self.consistency_weight * consistency + distill
             anchor = image
             parts = {"nce": nce.detach(), "mse": distill.detach(), "consistency": consistency.detach()}
         return {"loss": loss, "f_sa": f_sa, "anchor": anchor, **parts}
 
 
-def load_embedding_table(cfg: RunConfig, vocab_size: int) -> torch.Tensor:
+def load_embedding_table(d: DASDConfig, vocab_size: int) -> torch.Tensor:
     """mBERT's word embeddings (or a random table of ``dasd.embedding_dim`` when ``dasd.embeddings`` is null)."""
-    if cfg.dasd.embeddings is None:
-        return torch.randn(vocab_size, cfg.dasd.embedding_dim, generator=torch.Generator().manual_seed(0)) * 0.02
-    table = AutoModel.from_pretrained(cfg.dasd.embeddings).get_input_embeddings().weight.detach().float()
+    if d.embeddings is None:
+        return torch.randn(vocab_size, d.embedding_dim, generator=torch.Generator().manual_seed(0)) * 0.02
+    table = AutoModel.from_pretrained(d.embeddings).get_input_embeddings().weight.detach().float()
     if table.shape[0] < vocab_size:
-        raise ValueError(f"{cfg.dasd.embeddings} has {table.shape[0]} word embeddings but the tokenizer "
-                         f"{cfg.dasd.tokenizer} has {vocab_size} ids")
+        raise ValueError(f"{d.embeddings} has {table.shape[0]} word embeddings but the tokenizer "
+                         f"{d.tokenizer} has {vocab_size} ids")
     return table
-
-
-class DASDMethod(Method):
-    """Cross-lingual retrieval: (English, target) caption pairs (+ images in CMA), evaluation by recall per language."""
-
-    selection_metric = "mAR"
-
-    def __init__(self, cfg: RunConfig):
-        super().__init__(cfg)
-        d = cfg.dasd
-        self.languages = list(d.languages)
-        self.load_images = d.stage == "cma"
-        self.report_metrics = ("mAR", *(f"AR_{lang}" for lang in self.languages))
-        self.english = CaptionEncoder(load_tokenizer(cfg.model.tokenizer or cfg.model.clip), cfg.model.text_length)
-        self.target = CaptionEncoder(load_tokenizer(d.tokenizer), cfg.model.text_length)
-        self.discriminator: Discriminator | None = None
-        self.disc_optimizer: torch.optim.Optimizer | None = None
-
-    def build(self) -> DASD:
-        torch.manual_seed(self.cfg.train.seed)  # identical non-expert (and discriminator) weights on every rank
-        backbone = FrozenCLIP(load_clip(self.cfg.model.clip), self.cfg.model.image_size)
-        model = DASD(self.cfg, backbone, load_embedding_table(self.cfg, len(self.target.tokenizer)))
-        self.discriminator = Discriminator(model.disc_in_dim)
-        self.disc_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.cfg.dasd.discriminator_lr)
-        return model
-
-    def train_texts(self) -> TranslationPairs:
-        return TranslationPairs(self.english, self.target, self.languages)
-
-    def train_languages(self) -> tuple[str, ...]:
-        return tuple(self.languages)
-
-    def backward(self, engine, out: dict) -> None:
-        """Main step with the adversarial term, then one discriminator step on detached features."""
-        disc = self.discriminator.to(out["f_sa"].device)
-        f_sa, anchor = out["f_sa"].float(), out["anchor"].float()
-        matched = torch.ones(f_sa.shape[0], dtype=torch.long, device=f_sa.device)
-        # the main model tries to make mismatched pairs look matched: f_sa must not carry the semantics
-        fool = F.cross_entropy(disc(torch.cat([f_sa, mismatched(anchor)], dim=-1)), matched)
-        out["adversarial"] = fool.detach()
-        engine.backward(out["loss"] + self.cfg.dasd.adversarial_weight * fool)
-
-        self.disc_optimizer.zero_grad(set_to_none=True)  # drop what the main backward left in F
-        f_sa = f_sa.detach()
-        disc_loss = F.cross_entropy(disc(torch.cat([f_sa, anchor], dim=-1)), matched) + \
-            F.cross_entropy(disc(torch.cat([f_sa, mismatched(anchor)], dim=-1)), torch.zeros_like(matched))
-        disc_loss.backward()
-        if dist.is_initialized() and dist.get_world_size() > 1:  # identical F on every rank
-            for p in disc.parameters():
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad.div_(dist.get_world_size())
-        self.disc_optimizer.step()
-        out["discriminator"] = disc_loss.detach()
-
-    def evaluate(self, evaluator, split: str) -> dict:
-        model = evaluator.model
-        result: dict = {}
-        for index, lang in enumerate(self.languages):
-            def encode(captions: list[str], index=index) -> dict:
-                encoded = self.target.encode(captions)
-                return {"text": encoded.ids, "eot": encoded.eot, "language": torch.full((len(captions),), index)}
-
-            report = recall_report(evaluator, split, lang, encode,
-                                   lambda b: model.encode_text(b["text"], b["eot"], b["language"]))
-            result[f"AR_{lang}"] = report["AR"]
-            result[lang] = report
-        result["mAR"] = sum(result[f"AR_{lang}"] for lang in self.languages) / len(self.languages)
-        return result
-
-    def state_dict(self) -> dict:
-        return {"discriminator": self.discriminator.state_dict(), "optimizer": self.disc_optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            self.discriminator.load_state_dict(state["discriminator"])
-            self.disc_optimizer.load_state_dict(state["optimizer"])
-
-
-def recall_report(evaluator, split: str, language: str, encode, text_forward) -> dict:
-    """recall_metrics of one language's captions against the split's images (features from ``evaluator``)."""
-    image, image_ids, text, text_image_ids = evaluator.features(split, language, encode, text_forward)
-    similarity = F.normalize(text, dim=-1) @ F.normalize(image, dim=-1).t()
-    return {**recall_metrics(similarity, text_image_ids, image_ids), "images": int(image.shape[0]),
-            "captions": int(text.shape[0])}
 
 
 class EnglishCLIP(nn.Module):
@@ -325,39 +233,3 @@ class EnglishCLIP(nn.Module):
         loss = symmetric_info_nce(self.encode_image(batch["image"]).float(),
                                   self.encode_text(batch["text"], batch["eot"]).float(), self.logit_scale)
         return {"loss": loss}
-
-
-class EnglishFinetuneMethod(Method):
-    selection_metric = "AR_en"
-    report_metrics = ("AR_en",)
-
-    def __init__(self, cfg: RunConfig):
-        super().__init__(cfg)
-        self.english = CaptionEncoder(load_tokenizer(cfg.model.tokenizer or cfg.model.clip), cfg.model.text_length)
-
-    def build(self) -> EnglishCLIP:
-        torch.manual_seed(self.cfg.train.seed)
-        backbone = TrainableCLIP(load_clip(self.cfg.model.clip), self.cfg.model.image_size)
-        return EnglishCLIP(backbone, self.cfg.dasd.logit_scale)
-
-    def train_texts(self) -> CaptionPairs:
-        return CaptionPairs(self.english, SOURCE_LANGUAGE)
-
-    def evaluate(self, evaluator, split: str) -> dict:
-        model = evaluator.model
-
-        def encode(captions: list[str]) -> dict:
-            encoded = self.english.encode(captions)
-            return {"text": encoded.ids, "eot": encoded.eot}
-
-        report = recall_report(evaluator, split, SOURCE_LANGUAGE, encode, lambda b: model.encode_text(b["text"], b["eot"]))
-        return {"AR_en": report["AR"], "en": report}
-
-    def on_finish(self, model: EnglishCLIP, run_dir, rank: int) -> None:
-        """Save the fine-tuned CLIP (and its tokenizer) where the next stages load it from."""
-        if rank == 0:
-            out = run_dir / "clip"
-            model.backbone.clip.save_pretrained(out)
-            self.english.tokenizer.save_pretrained(out)
-        if dist.is_initialized():
-            dist.barrier()

@@ -1,4 +1,5 @@
-"""Checkpoint files that are safe to load, and saving errors that name the file.
+"""DeepSpeed checkpoints read safely, written with errors that name the file, and loaded with an explanation when
+they do not fit the model (the folders and pointers around them are ``dsmoe.checkpoint``'s).
 
 DeepSpeed reads every checkpoint file with ``torch.load(weights_only=False)``, which runs whatever a pickle in the
 file asks for. ``SafeCheckpointEngine`` replaces the engine's checkpoint engine: it loads with
@@ -16,7 +17,8 @@ from pathlib import Path
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from dsmoe.checkpoint import CheckpointWriteError
+from dsmoe.checkpoint import CheckpointWriteError, mismatch_message
+from dsmoe.config import RunConfig, to_dict
 from dsmoe.faults import RunError
 
 
@@ -78,3 +80,13 @@ def install(engine) -> None:
     engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
 
 
+def load_checkpoint(engine, root: Path, tag: str, cfg: RunConfig, **kwargs):
+    """``engine.load_checkpoint`` (trainable tensors only); when the saved tensors do not fit the model, one error
+    that names the config values the checkpoint was trained with."""
+    try:
+        return engine.load_checkpoint(str(root), tag, load_module_strict=False, **kwargs)
+    except (RuntimeError, FileNotFoundError) as exc:
+        message = mismatch_message(root, tag, to_dict(cfg), exc)
+        if message is None:
+            raise
+        raise RunError(message) from None

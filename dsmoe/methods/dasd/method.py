@@ -1,0 +1,142 @@
+"""DASD's training and evaluation: caption pairs per stage, the discriminator's alternating step, recall per
+language; and the optional English fine-tune stage."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dsmoe.backbones.clip import FrozenCLIP, TrainableCLIP, load_clip
+from dsmoe.config import RunConfig
+from dsmoe.data.pipeline import CaptionPairs, TranslationPairs
+from dsmoe.data.text import CaptionEncoder, load_tokenizer
+from dsmoe.losses import discriminator_loss, fool_discriminator
+from dsmoe.methods.base import Method
+from dsmoe.methods.dasd.config import DASDConfig
+from dsmoe.methods.dasd.model import DASD, Discriminator, EnglishCLIP, load_embedding_table, mismatched
+from dsmoe.metrics import recall_metrics
+from dsmoe.shards.format import SOURCE_LANGUAGE
+
+
+def build_method(cfg: RunConfig) -> Method:
+    """The method of the stage ``cfg`` runs."""
+    return EnglishFinetuneMethod(cfg) if DASDConfig.of(cfg).stage == "english" else DASDMethod(cfg)
+
+
+class DASDMethod(Method):
+    """Cross-lingual retrieval: (English, target) caption pairs (+ images in CMA), evaluation by recall per language."""
+
+    selection_metric = "mAR"
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        d = self.settings = DASDConfig.of(cfg)
+        self.languages = list(d.languages)
+        self.load_images = d.stage == "cma"
+        self.report_metrics = ("mAR", *(f"AR_{lang}" for lang in self.languages))
+        self.english = CaptionEncoder(load_tokenizer(cfg.model.tokenizer or cfg.model.clip), cfg.model.text_length)
+        self.target = CaptionEncoder(load_tokenizer(d.tokenizer), cfg.model.text_length)
+        self.discriminator: Discriminator | None = None
+        self.disc_optimizer: torch.optim.Optimizer | None = None
+
+    def build(self) -> DASD:
+        torch.manual_seed(self.cfg.train.seed)  # identical non-expert (and discriminator) weights on every rank
+        backbone = FrozenCLIP(load_clip(self.cfg.model.clip), self.cfg.model.image_size)
+        model = DASD(self.cfg, backbone, load_embedding_table(self.settings, len(self.target.tokenizer)))
+        self.discriminator = Discriminator(model.disc_in_dim)
+        self.disc_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.settings.discriminator_lr)
+        return model
+
+    def train_texts(self) -> TranslationPairs:
+        return TranslationPairs(self.english, self.target, self.languages)
+
+    def train_languages(self) -> tuple[str, ...]:
+        return tuple(self.languages)
+
+    def backward(self, engine, out: dict) -> None:
+        """Main step with the adversarial term, then one discriminator step on detached features."""
+        disc = self.discriminator.to(out["f_sa"].device)
+        f_sa, anchor = out["f_sa"].float(), out["anchor"].float()
+        # the main model tries to make mismatched pairs look matched: f_sa must not carry the semantics
+        fool = fool_discriminator(disc(torch.cat([f_sa, mismatched(anchor)], dim=-1)))
+        out["adversarial"] = fool.detach()
+        engine.backward(out["loss"] + self.settings.adversarial_weight * fool)
+
+        self.disc_optimizer.zero_grad(set_to_none=True)  # drop what the main backward left in F
+        f_sa = f_sa.detach()
+        disc_loss = discriminator_loss(disc(torch.cat([f_sa, anchor], dim=-1)),
+                                       disc(torch.cat([f_sa, mismatched(anchor)], dim=-1)))
+        disc_loss.backward()
+        if dist.is_initialized() and dist.get_world_size() > 1:  # identical F on every rank
+            for p in disc.parameters():
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad.div_(dist.get_world_size())
+        self.disc_optimizer.step()
+        out["discriminator"] = disc_loss.detach()
+
+    def evaluate(self, evaluator, split: str) -> dict:
+        model = evaluator.model
+        result: dict = {}
+        for index, lang in enumerate(self.languages):
+            def encode(captions: list[str], index=index) -> dict:
+                encoded = self.target.encode(captions)
+                return {"text": encoded.ids, "eot": encoded.eot, "language": torch.full((len(captions),), index)}
+
+            report = recall_report(evaluator, split, lang, encode,
+                                   lambda b: model.encode_text(b["text"], b["eot"], b["language"]))
+            result[f"AR_{lang}"] = report["AR"]
+            result[lang] = report
+        result["mAR"] = sum(result[f"AR_{lang}"] for lang in self.languages) / len(self.languages)
+        return result
+
+    def state_dict(self) -> dict:
+        return {"discriminator": self.discriminator.state_dict(), "optimizer": self.disc_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.disc_optimizer.load_state_dict(state["optimizer"])
+
+
+def recall_report(evaluator, split: str, language: str, encode, text_forward) -> dict:
+    """recall_metrics of one language's captions against the split's images (features from ``evaluator``)."""
+    image, image_ids, text, text_image_ids = evaluator.features(split, language, encode, text_forward)
+    similarity = F.normalize(text, dim=-1) @ F.normalize(image, dim=-1).t()
+    return {**recall_metrics(similarity, text_image_ids, image_ids), "images": int(image.shape[0]),
+            "captions": int(text.shape[0])}
+
+
+class EnglishFinetuneMethod(Method):
+    selection_metric = "AR_en"
+    report_metrics = ("AR_en",)
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.english = CaptionEncoder(load_tokenizer(cfg.model.tokenizer or cfg.model.clip), cfg.model.text_length)
+
+    def build(self) -> EnglishCLIP:
+        torch.manual_seed(self.cfg.train.seed)
+        backbone = TrainableCLIP(load_clip(self.cfg.model.clip), self.cfg.model.image_size)
+        return EnglishCLIP(backbone, DASDConfig.of(self.cfg).logit_scale)
+
+    def train_texts(self) -> CaptionPairs:
+        return CaptionPairs(self.english, SOURCE_LANGUAGE)
+
+    def evaluate(self, evaluator, split: str) -> dict:
+        model = evaluator.model
+
+        def encode(captions: list[str]) -> dict:
+            encoded = self.english.encode(captions)
+            return {"text": encoded.ids, "eot": encoded.eot}
+
+        report = recall_report(evaluator, split, SOURCE_LANGUAGE, encode, lambda b: model.encode_text(b["text"], b["eot"]))
+        return {"AR_en": report["AR"], "en": report}
+
+    def on_finish(self, model: EnglishCLIP, run_dir, rank: int) -> None:
+        """Save the fine-tuned CLIP (and its tokenizer) where the next stages load it from."""
+        if rank == 0:
+            out = run_dir / "clip"
+            model.backbone.clip.save_pretrained(out)
+            self.english.tokenizer.save_pretrained(out)
+        if dist.is_initialized():
+            dist.barrier()

@@ -1,0 +1,70 @@
+"""The training loop in one process (world size 1, gloo): steps, checkpoints, resume, model selection, pruning,
+preemption, starting from exported adapters and evaluation, driven through the real ``Trainer``."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from dsmoe.checkpoint import STAGING_PREFIX, complete_tag
+from trainers import losses, make_trainer, records
+
+
+def test_resume_continues_exactly_where_a_stopped_run_left_off(demo_assets, dist_env, signals, tmp_path):
+    straight = make_trainer(demo_assets, tmp_path / "straight", "train.max_steps=7")
+    assert straight.train()["test"]["captions"] == 144
+    first = make_trainer(demo_assets, tmp_path / "resumed", "train.max_steps=4", "train.checkpoint_every=2")
+    first.train()
+    ckpt = tmp_path / "resumed" / "checkpoints"
+    assert complete_tag(ckpt) == "step00000004" and not list(ckpt.glob(f"{STAGING_PREFIX}*"))
+    marker = json.loads((ckpt / "step00000004" / "COMPLETE").read_text())
+    assert marker["global_step"] == 4 and marker["config"]["train"]["max_steps"] == 4
+
+    second = make_trainer(demo_assets, tmp_path / "resumed", "train.max_steps=7")
+    assert second.resume("auto") and second.engine.global_steps == 4 and second.progress.batch == 4
+    second.train()
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(a) == list(range(1, 8)) and all(a[step] == b[step] for step in range(1, 8)), (a, b)
+
+
+def test_epochs_select_the_best_validation_checkpoint_and_prune_the_rest(demo_assets, dist_env, signals, tmp_path):
+    run = tmp_path / "run"
+    trainer = make_trainer(demo_assets, run, "train.epochs=3", "train.eval_every=1", "train.keep_checkpoints=1",
+                           "train.batch_size=96")  # 6 steps per epoch
+    results = trainer.train()
+    val = [r for r in records(run) if r.get("event") == "val"]
+    assert [r["epoch"] for r in val] == [1, 2, 3]
+    best_epoch = max(val, key=lambda r: r["R1"])["epoch"]
+    best = complete_tag(run / "checkpoints", "best")
+    assert best == f"step{6 * best_epoch:08d}" and complete_tag(run / "checkpoints") == "step00000018"
+    # one step folder kept besides the ones the pointers name
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == sorted({best, "step00000018"})
+    assert results["model_selection"] == f"best validation R1 ({best})"
+    assert json.loads((run / "results.json").read_text())["test"] == results["test"]
+
+
+def test_preemption_saves_where_the_run_is_and_a_restart_resumes_there(demo_assets, dist_env, signals, tmp_path):
+    run = tmp_path / "run"
+    trainer = make_trainer(demo_assets, run, "train.max_steps=6")
+    os.kill(os.getpid(), signal.SIGUSR1)  # Slurm's warning signal: the handler only sets a flag
+    outcome = trainer.train()
+    assert outcome == {"preempted": True, "checkpoint": "step00000001"}
+    assert complete_tag(run / "checkpoints") == "step00000001"
+    event = [r for r in records(run) if r.get("event") == "preempted"]
+    assert event and event[0]["step"] == 1
+    restarted = make_trainer(demo_assets, run, "train.max_steps=3")
+    assert restarted.resume("auto") and restarted.engine.global_steps == 1
+    assert "test" in restarted.train()
+
+
+def test_training_starts_from_exported_adapters_at_another_layout(demo_assets, dist_env, signals, tmp_path):
+    from dsmoe.portable import save_portable
+
+    source = make_trainer(demo_assets, tmp_path / "source", "train.max_steps=2")
+    source.train()
+    weights = save_portable(source.model, source.cfg, tmp_path / "adapters.safetensors", "test")
+    started = make_trainer(demo_assets, tmp_path / "started", "train.max_steps=1", portable_init=str(weights))
+    trained = {n: p.detach().clone() for n, p in source.model.named_parameters() if p.requires_grad}
+    loaded = {n: p.detach() for n, p in started.model.named_parameters() if p.requires_grad}
+    assert trained.keys() == loaded.keys() and all((trained[n] == loaded[n]).all() for n in trained)
+    assert started.train()["start_label"] == "at start"
