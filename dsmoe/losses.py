@@ -132,20 +132,30 @@ def feature_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.
     return F.mse_loss(student, teacher)
 
 
-def semantic_consistency(f_sr: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    """DASD: the semantic-related feature should carry the caption's meaning: SmoothL1 to the anchor (the English
-    caption's feature in CLA, the image's in CMA)."""
+def semantic_consistency(f_sr: torch.Tensor, anchor: torch.Tensor, kind: str) -> torch.Tensor:
+    """DASD: the semantic-related feature should carry the caption's meaning: its distance to the anchor, ``l1``
+    to the English caption's feature (stage CLA) and ``smooth_l1`` to the image's (stage CMA), as the release has
+    them (``nn.L1Loss`` and ``nn.SmoothL1Loss``, means over all elements)."""
+    if kind == "l1":
+        return F.l1_loss(f_sr, anchor)
+    assert kind == "smooth_l1", kind
     return F.smooth_l1_loss(f_sr, anchor)
 
 
+def _bce_class(logits: torch.Tensor, cls: int) -> torch.Tensor:
+    """BCE-with-logits of two-way logits [B, 2] against the one-hot target of class ``cls`` (the release's GAN loss),
+    a mean over all 2B outputs."""
+    target = torch.zeros_like(logits)
+    target[:, cls] = 1.0
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def discriminator_loss(mismatched_logits: torch.Tensor, own_logits: torch.Tensor) -> torch.Tensor:
+    """DASD, the discriminator's loss: ``0.5 * (BCE(mismatched pairs, class 1) + BCE(own pairs, class 0))``."""
+    return 0.5 * (_bce_class(mismatched_logits, 1) + _bce_class(own_logits, 0))
+
+
 def fool_discriminator(mismatched_logits: torch.Tensor) -> torch.Tensor:
-    """DASD, the model's adversarial term: cross-entropy that pushes the discriminator's logits [B, 2] for
-    mismatched (f_sa, feature) pairs towards "matched" (class 1), so f_sa cannot carry the semantics."""
-    matched = torch.ones(mismatched_logits.shape[0], dtype=torch.long, device=mismatched_logits.device)
-    return F.cross_entropy(mismatched_logits, matched)
-
-
-def discriminator_loss(matched_logits: torch.Tensor, mismatched_logits: torch.Tensor) -> torch.Tensor:
-    """DASD, the discriminator's loss: cross-entropy of matched pairs as class 1 plus mismatched pairs as class 0."""
-    matched = torch.ones(matched_logits.shape[0], dtype=torch.long, device=matched_logits.device)
-    return F.cross_entropy(matched_logits, matched) + F.cross_entropy(mismatched_logits, torch.zeros_like(matched))
+    """DASD, the model's adversarial term: BCE that pushes the discriminator's logits for mismatched (f_sa, g)
+    pairs towards class 0 (a caption's own g), so f_sa cannot tell which g belongs to it."""
+    return _bce_class(mismatched_logits, 0)

@@ -27,7 +27,7 @@ def dasd_config(clip_dir: Path, mbert_dir: Path, *extra: str):
         "demo=false", "data.shards=/unused", f"model.clip={clip_dir}", "model.image_size=[16, 16]",
         "model.text_length=12", "adapter.router=language", "adapter.num_experts=2", "adapter.top_k=1",
         "adapter.ep_size=1", "dasd.languages=[xx, yy]", f"dasd.tokenizer={mbert_dir}", f"dasd.embeddings={mbert_dir}",
-        "dasd.adapter_rank=4", "dasd.generator_dim=8", "dasd.extractor_hidden=8", *extra])
+        "dasd.adapter_rank=4", "dasd.generator_dim=8", *extra])
 
 
 @pytest.fixture
@@ -118,8 +118,18 @@ def test_adapters_start_as_identity_and_disentangling_readouts(method):
 
 
 def test_cla_and_cma_losses_follow_the_formulas(tiny_clip_dir, tiny_mbert_dir, wire):
-    from dsmoe.losses import symmetric_info_nce
+    """The release's stage losses: CLA = MSE(f_tgt, f_en) + 0.1 L1(f_sr, f_en); CMA = InfoNCE(image, f_tgt) +
+    0.1 SmoothL1(image, f_sr) + MSE(f_tgt, f_en), each distance written out here."""
     from dsmoe.methods.dasd.method import DASDMethod
+
+    def smooth_l1(a, b):
+        d = (a - b).abs()
+        return torch.where(d < 1, 0.5 * d ** 2, d - 0.5).mean()
+
+    def info_nce(a, b, scale):
+        logits = scale * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t()
+        target = torch.arange(len(a))
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
     for stage in ("cla", "cma"):
         m = DASDMethod(dasd_config(tiny_clip_dir, tiny_mbert_dir, f"dasd.stage={stage}"))
@@ -129,18 +139,93 @@ def test_cla_and_cma_losses_follow_the_formulas(tiny_clip_dir, tiny_mbert_dir, w
         out = model(b)
         f_en = model.backbone.encode_text(b["en_text"], b["en_eot"])
         feature, f_sr, _ = model.encode_target(b["text"], b["eot"], b["language"])
+        mse = ((feature - f_en) ** 2).mean()
         if stage == "cla":
-            expected = F.mse_loss(feature, f_en) + 0.1 * F.smooth_l1_loss(f_sr, f_en)
+            expected = mse + 0.1 * (f_sr - f_en).abs().mean()
         else:
             image = model.backbone.encode_image(b["image"])
-            expected = symmetric_info_nce(image, feature, 100.0) + 0.1 * F.smooth_l1_loss(f_sr, image) + \
-                F.mse_loss(feature, f_en)
+            expected = info_nce(image, feature, 100.0) + 0.1 * smooth_l1(image, f_sr) + mse
         assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5), stage
+        assert out["consistency"].item() != pytest.approx(smooth_l1(f_sr, f_en).item() if stage == "cla" else
+                                                          (image - f_sr).abs().mean().item(), rel=1e-3)
+
+
+def _release_extractors(model, ids: torch.Tensor, sep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """f_sr and f_sa as the release's ``encode_text(zi_bool=True)`` computes them, written out with transformers'
+    own CLIP layers: the embedded caption (plus CLIP's positions) through the first two frozen text blocks, a
+    LayerNorm of weight 1 and bias 0, then the [SEP] state through ``sr_projection`` and the mean over positions."""
+    x = model.embedding.weight[ids] @ model.embedding_proj.weight.t() + model.embedding_proj.bias
+    x = x + model.backbone.clip.text_model.embeddings.position_embedding.weight[: ids.shape[1]]
+    causal = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)[None, None]
+    for layer in model.backbone.clip.text_model.encoder.layers[:2]:
+        x = layer(x, attention_mask=causal)
+    normed = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    f_sr = normed[torch.arange(len(ids)), sep] @ model.extractors.sr_projection.weight.t()
+    return f_sr, normed.mean(dim=1)
+
+
+def test_semantics_extractors_are_the_releases(tiny_clip_dir, tiny_mbert_dir, wire):
+    from dsmoe.methods.dasd.method import DASDMethod
+
+    method = DASDMethod(dasd_config(tiny_clip_dir, tiny_mbert_dir))
+    model = wire(method.build())
+    b = _batch(method)
+    _, f_sr, f_sa = model.encode_target(b["text"], b["eot"], b["language"])
+    ref_sr, ref_sa = _release_extractors(model, b["text"], b["eot"])
+    torch.testing.assert_close(f_sr, ref_sr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(f_sa, ref_sa, atol=1e-5, rtol=1e-5)
+    # nothing of the extractors is trained but the [SEP] projection (no MLPs, no LayerNorm affine)
+    trained = {n for n, p in model.extractors.named_parameters() if p.requires_grad}
+    assert trained == {"sr_projection.weight"}
+    # the paper text's reading stays available: its own MLPs and LayerNorms, and other features
+    paper = DASDMethod(dasd_config(tiny_clip_dir, tiny_mbert_dir, "dasd.extractor_mlps=true",
+                                   "dasd.extractor_hidden=8"))
+    paper_model = wire(paper.build())
+    paper_trained = {n for n, p in paper_model.extractors.named_parameters() if p.requires_grad}
+    assert {"paths.sr.mlps.0.0.weight", "paths.sa.norm.weight"} <= paper_trained
+    _, p_sr, _ = paper_model.encode_target(b["text"], b["eot"], b["language"])
+    assert not torch.allclose(p_sr, _release_extractors(paper_model, b["text"], b["eot"])[0], atol=1e-3)
 
 
 class _FakeEngine:
+    def __init__(self):
+        self.losses = []
+
     def backward(self, loss):
+        self.losses.append(loss.detach())
         loss.backward()
+
+
+def _one_hot_bce(logits: torch.Tensor, cls: int) -> torch.Tensor:
+    target = torch.zeros_like(logits)
+    target[:, cls] = 1
+    return -(target * F.logsigmoid(logits) + (1 - target) * F.logsigmoid(-logits)).mean()
+
+
+def test_discriminator_steps_first_and_the_model_is_scored_by_the_updated_one(method):
+    """As the release (adv.py, GAN mode): F steps on detached pairs with 0.5 (BCE(mismatched, 1) + BCE(own, 0)),
+    then the model's term is scale x BCE(mismatched, 0) under the updated F. Mismatched pairs: the previous
+    caption's anchor (roll, a derangement for any batch; the release flips the batch)."""
+    import copy
+
+    model = method.model
+    reference = copy.deepcopy(method.discriminator)
+    ref_optimizer = torch.optim.Adam(reference.parameters(), lr=1e-4)
+    out = model(_batch(method))
+    f_sa, anchor = out["f_sa"].detach().float(), out["anchor"].detach().float()
+    own, other = torch.cat([f_sa, anchor], -1), torch.cat([f_sa, torch.roll(anchor, 1, 0)], -1)
+    ref_loss = 0.5 * (_one_hot_bce(reference(other), 1) + _one_hot_bce(reference(own), 0))
+    ref_loss.backward()
+    ref_optimizer.step()
+    fool_after_step = _one_hot_bce(reference(other), 0)
+
+    engine = _FakeEngine()
+    method.backward(engine, out)
+    assert out["discriminator"].item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    for mine, ref in zip(method.discriminator.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, ref)
+    assert out["adversarial"].item() == pytest.approx(fool_after_step.item(), rel=1e-6)
+    assert engine.losses[0].item() == pytest.approx((out["loss"] + 0.001 * fool_after_step).item(), rel=1e-6)
 
 
 def test_discriminator_step_changes_only_its_own_parameters(method):
@@ -155,16 +240,12 @@ def test_discriminator_step_changes_only_its_own_parameters(method):
         {id(p) for p in method.discriminator.parameters()}
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert not any("discriminator" in n for n in names)  # F is not in the DeepSpeed model or its optimiser
-    # f_sa only reaches the loss through the adversarial term (the adapters start as the identity)
-    grads = [p.grad for p in model.semantic_agnostic.parameters()]
-    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
-    assert out["discriminator"].item() > 0 and "adversarial" in out
+    assert out["f_sa"].requires_grad and out["discriminator"].item() > 0 and "adversarial" in out
 
 
 def test_trainable_parameters_are_the_target_text_path(method):
     names = {n for n, p in method.model.named_parameters() if p.requires_grad}
-    assert all(n.split(".")[0] in {"embedding", "embedding_proj", "semantic_related", "semantic_agnostic", "z_net",
-                                   "adapters"} for n in names)
+    assert {n.split(".")[0] for n in names} == {"embedding", "embedding_proj", "extractors", "z_net", "adapters"}
     assert "embedding.weight" in names and any("deepspeed_experts" in n for n in names)
     # the table starts from the "mBERT" word embeddings
     from transformers import AutoModel

@@ -43,9 +43,13 @@ class DASDConfig(MethodSettings):
     """Bottleneck of the dynamic adapter; W_z is rank x rank."""
     generator_dim: int = at_least(1, 512)
     """Width of z, the per-caption vector the W_z of every layer is generated from."""
-    extractor_hidden: int = at_least(1, 256)
     extractor_blocks: int = at_least(1, 2)
-    """Frozen CLIP text blocks the semantics extractors run through, each followed by a bottleneck MLP."""
+    """Frozen CLIP text blocks the semantics extractors run through (the release: 2)."""
+    extractor_mlps: bool = False
+    """The paper text's reading of the extractors: a residual bottleneck MLP (``extractor_hidden`` wide) after each
+    block and a trainable LayerNorm, one set per feature. False: as the release runs them (no MLP, no trained
+    LayerNorm; both features read from one pass)."""
+    extractor_hidden: int = at_least(1, 256)
     consistency_weight: float = ranged(0.1, 0)
     adversarial_weight: float = ranged(0.001, 0)
     discriminator_lr: float = positive(1.0e-4)

@@ -54,18 +54,15 @@ class DASDMethod(Method):
         return tuple(self.languages)
 
     def backward(self, engine, out: dict) -> None:
-        """Main step with the adversarial term, then one discriminator step on detached features."""
+        """As the release: the discriminator steps first on detached pairs, then the model's loss takes the
+        adversarial term of the updated discriminator."""
         disc = self.discriminator.to(out["f_sa"].device)
         f_sa, anchor = out["f_sa"].float(), out["anchor"].float()
-        # the main model tries to make mismatched pairs look matched: f_sa must not carry the semantics
-        fool = fool_discriminator(disc(torch.cat([f_sa, mismatched(anchor)], dim=-1)))
-        out["adversarial"] = fool.detach()
-        engine.backward(out["loss"] + self.settings.adversarial_weight * fool)
+        own = torch.cat([f_sa, anchor], dim=-1)
+        other = torch.cat([f_sa, mismatched(anchor)], dim=-1)
 
-        self.disc_optimizer.zero_grad(set_to_none=True)  # drop what the main backward left in F
-        f_sa = f_sa.detach()
-        disc_loss = discriminator_loss(disc(torch.cat([f_sa, anchor], dim=-1)),
-                                       disc(torch.cat([f_sa, mismatched(anchor)], dim=-1)))
+        self.disc_optimizer.zero_grad(set_to_none=True)  # drop what the last main backward left in F
+        disc_loss = discriminator_loss(disc(other.detach()), disc(own.detach()))
         disc_loss.backward()
         if dist.is_initialized() and dist.get_world_size() > 1:  # identical F on every rank
             for p in disc.parameters():
@@ -73,6 +70,10 @@ class DASDMethod(Method):
                 p.grad.div_(dist.get_world_size())
         self.disc_optimizer.step()
         out["discriminator"] = disc_loss.detach()
+
+        fool = fool_discriminator(disc(other))  # f_sa must not tell which g is its caption's
+        out["adversarial"] = fool.detach()
+        engine.backward(out["loss"] + self.settings.adversarial_weight * fool)
 
     def evaluate(self, evaluator, split: str) -> dict:
         model = evaluator.model

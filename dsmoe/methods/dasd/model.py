@@ -2,8 +2,9 @@
 
 Target-language captions (mBERT tokens) -> trainable embedding table -> Linear to CLIP's text width -> CLIP's
 frozen position embedding and text blocks (causal) with a dynamic adapter after every block -> final LayerNorm
--> state at [SEP] -> CLIP's text projection. Two extractors (the first frozen blocks, each followed by a
-bottleneck MLP) give the semantic-related f_sr ([SEP] readout + projection) and semantic-agnostic f_sa (mean);
+-> state at [SEP] -> CLIP's text projection. The semantics extractors (the first frozen blocks, as the release runs
+them: ``SemanticExtractors``) give the semantic-related f_sr ([SEP] readout + projection) and the semantic-agnostic
+f_sa (mean over positions);
 ``z = QuickGELU(W [f_sr; f_sa])`` and each layer generates its own ``W_z = reshape(G_l z)``:
 ``A(x) = x + Up(ReLU(Down(x) @ W_z))``.
 
@@ -99,28 +100,47 @@ class DynamicAdapterLayer(nn.Module):
         return x + out[..., :self.width]
 
 
-class SemanticExtractor(nn.Module):
-    """The first frozen CLIP text blocks, each followed by a residual bottleneck MLP, then LayerNorm + readout."""
+class SemanticExtractors(nn.Module):
+    """f_sr and f_sa of the embedded target caption, from the first ``blocks`` frozen CLIP text blocks.
 
-    def __init__(self, width: int, hidden: int, blocks: int, out_dim: int | None):
+    As the release runs them (``mlps=False``): the blocks run once, their output is normalised by a LayerNorm
+    without trained affine (the release's ``ln_mu`` / ``ln_sigma``, never trained, stay at weight 1, bias 0), and
+    both features are read from it: f_sr = state at [SEP] through ``sr_projection``, f_sa = mean over all
+    positions. ``mlps=True`` is the paper text's reading: each feature has its own pass with a residual bottleneck
+    MLP after every block, and its own trainable LayerNorm.
+    """
+
+    def __init__(self, width: int, proj_dim: int, blocks: int, mlp_hidden: int | None):
         super().__init__()
-        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width))
-                                  for _ in range(blocks))
-        self.norm = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, out_dim, bias=False) if out_dim else None
+        self.width, self.blocks = width, blocks
+        self.sr_projection = nn.Linear(width, proj_dim, bias=False)
+        self.paths = None
+        if mlp_hidden:
+            self.paths = nn.ModuleDict({name: nn.ModuleDict({
+                "mlps": nn.ModuleList(nn.Sequential(nn.Linear(width, mlp_hidden), nn.ReLU(),
+                                                    nn.Linear(mlp_hidden, width)) for _ in range(blocks)),
+                "norm": nn.LayerNorm(width)}) for name in ("sr", "sa")})
 
-    def forward(self, x: torch.Tensor, layers: nn.ModuleList, sep: torch.Tensor | None) -> torch.Tensor:
-        for i, mlp in enumerate(self.mlps):
+    def _blocks(self, x: torch.Tensor, layers: nn.ModuleList, mlps: nn.ModuleList | None) -> torch.Tensor:
+        for i in range(self.blocks):
             x = block_forward(layers[i], x, causal=True, index=i)
-            x = x + mlp(x)
-        x = self.norm(x)
-        if self.proj is None:  # semantic-agnostic: mean over all positions
-            return x.mean(dim=1)
-        return self.proj(x[torch.arange(x.shape[0], device=x.device), sep])
+            if mlps is not None:
+                x = x + mlps[i](x)
+        return x
+
+    def forward(self, h: torch.Tensor, layers: nn.ModuleList, sep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.arange(h.shape[0], device=h.device)
+        if self.paths is None:
+            x = F.layer_norm(self._blocks(h, layers, None), (self.width,))
+            return self.sr_projection(x[rows, sep]), x.mean(dim=1)
+        sr = self.paths["sr"]["norm"](self._blocks(h, layers, self.paths["sr"]["mlps"]))
+        sa = self.paths["sa"]["norm"](self._blocks(h, layers, self.paths["sa"]["mlps"]))
+        return self.sr_projection(sr[rows, sep]), sa.mean(dim=1)
 
 
 class Discriminator(nn.Module):
-    """F: [f_sa ; g] -> matched / mismatched logits (trained alternately with its own optimiser)."""
+    """F: [f_sa ; g] -> two logits, class 1 for a mismatched pair (g of another caption), class 0 for the caption's
+    own g (the release's "real" and "fake"); trained alternately with its own optimiser."""
 
     def __init__(self, in_dim: int):
         super().__init__()
@@ -131,7 +151,8 @@ class Discriminator(nn.Module):
 
 
 def mismatched(g: torch.Tensor) -> torch.Tensor:
-    """Pair each caption with another sample's feature (a fixed derangement: the next one in the batch)."""
+    """Pair each caption with another sample's feature: the previous one in the batch, a derangement for any batch
+    of two or more (the release flips the batch, which pairs the middle caption of an odd batch with its own)."""
     return torch.roll(g, shifts=1, dims=0)
 
 
@@ -147,8 +168,8 @@ class DASD(nn.Module):
         proj_dim = backbone.clip.config.projection_dim
         self.embedding = nn.Embedding.from_pretrained(embeddings.clone().float(), freeze=False)
         self.embedding_proj = nn.Linear(embeddings.shape[1], width)
-        self.semantic_related = SemanticExtractor(width, d.extractor_hidden, d.extractor_blocks, proj_dim)
-        self.semantic_agnostic = SemanticExtractor(width, d.extractor_hidden, d.extractor_blocks, None)
+        self.extractors = SemanticExtractors(width, proj_dim, d.extractor_blocks,
+                                             d.extractor_hidden if d.extractor_mlps else None)
         self.z_net = nn.Linear(proj_dim + width, d.generator_dim)
         self.adapters = nn.ModuleList(DynamicAdapterLayer(cfg, width, i) for i in range(backbone.num_text_blocks))
         self.disc_in_dim = width + proj_dim
@@ -163,8 +184,7 @@ class DASD(nn.Module):
         tm = self.backbone.clip.text_model
         layers = tm.encoder.layers
         h = self.embed_target(ids)
-        f_sr = self.semantic_related(h, layers, sep)
-        f_sa = self.semantic_agnostic(h, layers, None)
+        f_sr, f_sa = self.extractors(h, layers, sep)
         z = quick_gelu(self.z_net(torch.cat([f_sr, f_sa], dim=-1)))
         x = h
         for i, layer in enumerate(layers):
@@ -190,7 +210,7 @@ class DASD(nn.Module):
         feature, f_sr = feature.float(), f_sr.float()
         distill = feature_distillation(feature, f_en)
         if self.stage == "cla":
-            consistency = semantic_consistency(f_sr, f_en)
+            consistency = semantic_consistency(f_sr, f_en, "l1")
             loss = distill + self.consistency_weight * consistency
             anchor = f_en
             parts = {"mse": distill.detach(), "consistency": consistency.detach()}
@@ -198,7 +218,7 @@ class DASD(nn.Module):
             with torch.no_grad():
                 image = self.backbone.encode_image(batch["image"]).float()
             nce = symmetric_info_nce(image, feature, logit_scale=self.logit_scale)
-            consistency = semantic_consistency(f_sr, image)
+            consistency = semantic_consistency(f_sr, image, "smooth_l1")
             loss = nce + self.consistency_weight * consistency + distill
             anchor = image
             parts = {"nce": nce.detach(), "mse": distill.detach(), "consistency": consistency.detach()}
