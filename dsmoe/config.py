@@ -92,7 +92,14 @@ class OptimConfig:
     adamw: bool = False
     """Decoupled weight decay (AdamW) instead of Adam's L2 penalty."""
     bias_lr_factor: float = positive(2.0)
-    """Biases (and LayerNorm / router scalars) get lr x this factor and no weight decay."""
+    """The no-decay group (see ``no_decay``) gets lr x this factor."""
+    no_decay: Literal["bias", "1d"] = "bias"
+    """Parameters trained without weight decay at lr x bias_lr_factor: ``bias``, those whose name contains "bias"
+    (the rule of both releases: LayerNorm weights, DM-Adapter's domain prompt and mixing scalar keep the decay);
+    ``1d``, every 1-d parameter (biases, norms, prompts, scalars)."""
+    bias_correction: bool = True
+    """Adam's bias correction of the moments. DASD's release trains with BertAdam, which has none: false selects
+    DeepSpeed's fused Adam with ``bias_correction: false`` (compiled on first use) instead of torch's Adam."""
     warmup_epochs: float = ranged(5.0, 0)
     warmup_ratio: float | None = share(None, high_open=True)
     """Warm-up as a share of all steps (DASD: 0.1); when set it replaces ``warmup_epochs``."""

@@ -87,7 +87,13 @@ def compose_ds_config(ds: dict, cfg: RunConfig, world_size: int, device: DeviceS
         raise ConfigError(f"optimizer.type {optimizer['type']!r}: dsmoe recipes use Adam or AdamW")
     params = optimizer.setdefault("params", {})
     param_fills = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
-                   "weight_decay": cfg.optim.weight_decay, "adam_w_mode": cfg.optim.adamw, "torch_adam": True}
+                   "weight_decay": cfg.optim.weight_decay, "adam_w_mode": cfg.optim.adamw,
+                   "torch_adam": cfg.optim.bias_correction}
+    if not cfg.optim.bias_correction:  # torch's Adam always corrects; DeepSpeed's (fused or CPU) Adam can leave it
+        param_fills["bias_correction"] = False
+        if params.get("torch_adam") is True:
+            raise ConfigError("optim.bias_correction false needs DeepSpeed's own Adam: set the JSON's "
+                              "optimizer.params.torch_adam to \"auto\" (or remove it)")
     for key, value in param_fills.items():
         if params.get(key, "auto") == "auto":
             params[key] = value

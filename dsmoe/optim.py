@@ -13,10 +13,12 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
-    """Weights with decay; biases, norms and scalars with lr x bias_lr_factor and no decay."""
+    """Two groups: with weight decay at the base lr, and without it at lr x bias_lr_factor. ``optim.no_decay``
+    says which parameters go to the second: those named ``*bias*`` (the releases' rule) or every 1-d one."""
     decay, no_decay = [], []
-    for p in trainable_parameters(model).values():
-        (no_decay if p.ndim < 2 else decay).append(p)
+    for name, p in trainable_parameters(model).items():
+        plain = "bias" in name if optim.no_decay == "bias" else p.ndim < 2
+        (no_decay if plain else decay).append(p)
     return [
         {"name": "decay", "params": decay, "weight_decay": optim.weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr": optim.lr * optim.bias_lr_factor},

@@ -380,3 +380,28 @@ def test_a_new_method_registers_itself_without_touching_the_shared_config(tmp_pa
         assert methods.get_method(cfg) == repr(cfg)  # built by the registered "module:function"
     finally:
         methods._METHODS.pop("echo")
+
+
+def test_adam_without_bias_correction_selects_deepspeeds_own_adam():
+    """BertAdam (DASD's release) has no bias correction: torch's Adam cannot leave it out, DeepSpeed's can."""
+    plain = compose_ds_config(load_ds_config(ZERO2), _cfg(train={"batch_size": 8}), 2, CPU_ONLY)
+    assert plain["optimizer"]["params"]["torch_adam"] is True and "bias_correction" not in plain["optimizer"]["params"]
+    bert = compose_ds_config(load_ds_config(ZERO2), _cfg(train={"batch_size": 8}, optim={"bias_correction": False}),
+                             2, CPU_ONLY)
+    assert bert["optimizer"]["params"]["torch_adam"] is False
+    assert bert["optimizer"]["params"]["bias_correction"] is False
+    pinned = load_ds_config(ZERO2)
+    pinned["optimizer"]["params"]["torch_adam"] = True
+    with pytest.raises(ConfigError, match="bias_correction false needs DeepSpeed's own Adam"):
+        compose_ds_config(pinned, _cfg(train={"batch_size": 8}, optim={"bias_correction": False}), 2, CPU_ONLY)
+
+
+def test_paper_recipes_use_the_releases_optimiser_constants():
+    for name in ("cuhk_pedes", "icfg_pedes", "rstpreid"):
+        optim = load_config(CONFIG_DIR / "dm_adapter" / f"{name}.yaml").optim
+        assert (optim.eps, optim.betas, optim.weight_decay, optim.bias_lr_factor, optim.no_decay) == \
+            (1e-3, (0.9, 0.999), 4e-5, 2.0, "bias")
+    for name in ("multi30k_finetune", "multi30k_zero_shot", "coco_finetune", "coco_zero_shot", "msrvtt_finetune"):
+        optim = load_config(CONFIG_DIR / "dasd" / f"{name}.yaml").optim
+        assert (optim.eps, optim.betas, optim.weight_decay, optim.adamw, optim.grad_clip, optim.warmup_ratio) == \
+            (1e-6, (0.9, 0.98), 0.2, True, 1.0, 0.1), name

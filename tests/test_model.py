@@ -420,34 +420,44 @@ def test_lr_factor_warmup_then_cosine():
     assert lr_factor(0, 0, 100, start) == pytest.approx(1.0)
 
 
-def test_param_groups_split_decay_and_no_decay(dm_model):
+def _groups_by_name(model, groups) -> tuple[set[str], set[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return ({names[id(p)] for p in groups[0]["params"]}, {names[id(p)] for p in groups[1]["params"]})
+
+
+def test_param_groups_follow_the_release_only_biases_skip_decay(dm_model):
+    """IRRA's solver (DM-Adapter's release): lr x bias_lr_factor and no weight decay for parameters named *bias*
+    only; LayerNorm weights, the domain prompt and the mixing scalar keep the base lr and the decay."""
     from dsmoe.optim import param_groups
 
     cfg, model, _ = dm_model
     groups = param_groups(model, cfg.optim)
     assert [g["name"] for g in groups] == ["decay", "no_decay"]
     decay, no_decay = groups
-    assert decay["weight_decay"] == cfg.optim.weight_decay
-    assert no_decay["weight_decay"] == 0.0
+    assert decay["weight_decay"] == cfg.optim.weight_decay and no_decay["weight_decay"] == 0.0
     assert no_decay["lr"] == pytest.approx(cfg.optim.lr * cfg.optim.bias_lr_factor)
     assert "lr" not in decay or decay["lr"] == pytest.approx(cfg.optim.lr)
-
-    names = {id(p): n for n, p in model.named_parameters()}
-    in_decay = {names[id(p)] for p in decay["params"]}
-    in_no_decay = {names[id(p)] for p in no_decay["params"]}
+    in_decay, in_no_decay = _groups_by_name(model, groups)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert not in_decay & in_no_decay
-    assert in_decay | in_no_decay == trainable
-    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
-    assert all(dict(model.named_parameters())[n].ndim >= 2 for n in in_decay)
+    assert not in_decay & in_no_decay and in_decay | in_no_decay == trainable
+    assert in_no_decay == {n for n in trainable if n.endswith(".bias")}
     gate = "image_adapters.0.moe.deepspeed_moe.gate"
-    for name in (f"{gate}.mix", f"{gate}.domain_prompt", "image_adapters.0.norm.weight", "image_adapters.0.norm.bias",
-                 "text_adapters.1.moe.deepspeed_moe.experts.deepspeed_experts.0.down.bias",
-                 "text_adapters.1.moe.deepspeed_moe.experts.deepspeed_experts.0.up.bias"):
-        assert name in in_no_decay, name
-    for name in (f"{gate}.wg.weight", f"{gate}.domain_proj.weight",
+    for name in (f"{gate}.mix", f"{gate}.domain_prompt", "image_adapters.0.norm.weight", f"{gate}.wg.weight",
                  "text_adapters.1.moe.deepspeed_moe.experts.deepspeed_experts.0.down.weight"):
         assert name in in_decay, name
+    for name in ("image_adapters.0.norm.bias", "text_adapters.1.moe.deepspeed_moe.experts.deepspeed_experts.0.up.bias"):
+        assert name in in_no_decay, name
+
+
+def test_param_groups_by_dimension_when_asked(dm_model):
+    from dsmoe.optim import param_groups
+
+    cfg, model, _ = dm_model
+    cfg.optim.no_decay = "1d"
+    in_decay, in_no_decay = _groups_by_name(model, param_groups(model, cfg.optim))
+    params = dict(model.named_parameters())
+    assert all(params[n].ndim >= 2 for n in in_decay) and all(params[n].ndim < 2 for n in in_no_decay)
+    assert "image_adapters.0.moe.deepspeed_moe.gate.domain_prompt" in in_no_decay
 
 
 def _tag(root, name, complete=True):
