@@ -1,24 +1,47 @@
-"""Evaluation: features of a split's images and captions computed by every rank in lockstep and gathered, the
-completeness of the split, results tables, and scoring a saved checkpoint."""
+"""Evaluation: a split's images read once (whole shards per rank), its captions in one language encoded by every
+rank in lockstep, the features gathered to every rank in split order, and the metrics computed from them block by
+block with the blocks shared between ranks; the completeness of the split, results tables, and scoring a saved
+checkpoint."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from dsmoe.config import RunConfig
 from dsmoe.data.faults import SampleFault, bad_sample_limit, summarize
 from dsmoe.data.pipeline import eval_loader
+from dsmoe.data.transforms import normalize
 from dsmoe.distributed import flag_tensor
 from dsmoe.engine import build_inference_engine, device_for, engine_dtype
 from dsmoe.faults import RunError
 from dsmoe.shards.format import read_split
 
 
+@dataclass
+class SplitFeatures:
+    """A split's images and one language's captions as the metrics take them: L2-normalised features in the model's
+    dtype on the evaluation device, in split order (captions in their sample's order), the same on every rank."""
+
+    images: torch.Tensor  # [N, D]
+    image_labels: torch.Tensor  # [N] person id, or image id for image-text data
+    texts: torch.Tensor  # [M, D]
+    text_labels: torch.Tensor  # [M] the label of the caption's image
+
+
+@dataclass
+class _ImagePass:
+    features: torch.Tensor  # every rank's, normalised, in split order
+    labels: torch.Tensor
+    local: list[tuple[int, int, dict[str, list[str]]]]  # this rank's samples: (split index, label, captions)
+
+
 class Evaluator:
-    """Features of a split's images and captions with every rank in lockstep, gathered on all ranks."""
+    """Features of a split's images and captions with every rank in lockstep, and how ranks share the metrics."""
 
     def __init__(self, cfg: RunConfig, engine, device: torch.device):
         self.cfg, self.engine, self.device = cfg, engine, device
@@ -26,8 +49,24 @@ class Evaluator:
         self.dtype = engine_dtype(engine)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.missing: dict[str, dict[str, SampleFault]] = {}  # split -> unusable samples (every rank's)
+        self._images: dict[str, _ImagePass] = {}  # the evaluation in progress: its splits' image passes
 
-    def _lockstep(self, batches: Iterable[dict], dummy: dict) -> Iterator[tuple[dict, bool]]:
+    def evaluate(self, method, split: str) -> dict:
+        """``method.evaluate(self, split)``, reading the split's images once however many languages it scores."""
+        self._images.clear()
+        try:
+            return method.evaluate(self, split)
+        finally:
+            self._images.clear()
+
+    @property
+    def sharing(self) -> dict:
+        """The keyword arguments of ``dsmoe.metrics``' ``*_from_features`` that share the blocks between ranks."""
+        if self.world_size == 1:
+            return {}
+        return {"part": (self.rank, self.world_size), "reduce": _sum_over_ranks}
+
+    def _lockstep(self, batches: Iterable, dummy) -> Iterator[tuple[object, bool]]:
         """Yield (batch, real) until every rank is done; a finished rank runs ``dummy`` so MoE collectives match."""
         iterator = iter(batches)
         while True:
@@ -43,46 +82,67 @@ class Evaluator:
 
     @torch.no_grad()
     def features(self, split: str, language: str, encode: Callable[[list[str]], dict],
-                 text_forward: Callable[[dict], torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """(image features, image labels, caption features, caption labels) of every sample of ``split``.
+                 text_forward: Callable[[dict], torch.Tensor]) -> SplitFeatures:
+        """The split's image features and its ``language`` captions' features.
 
         ``encode`` turns captions into a batch of tensors and ``text_forward`` that batch into features; each
         caption's label is its image's (person id, or image id for image-text data).
         """
+        images = self._image_pass(split)
+        captions = [(text, label, index) for index, label, by_language in images.local
+                    for text in by_language.get(language, [])]
+        size = self.cfg.train.eval_batch_size
+        chunks = (captions[i:i + size] for i in range(0, len(captions), size))
+        self.engine.eval()
+        texts, width = [], images.features.shape[1]
+        for chunk, real in self._lockstep(chunks, [("", 0, 0)]):
+            feats = text_forward(self._to_device(encode([c[0] for c in chunk]))).float()
+            if real:
+                texts.append(feats)
+        self.engine.train()
+        local = torch.cat(texts) if texts else torch.zeros(0, width, device=self.device)
+        labels = torch.tensor([c[1] for c in captions], dtype=torch.long, device=self.device)
+        order = torch.tensor([c[2] for c in captions], dtype=torch.long, device=self.device)
+        text_features, text_labels = _in_split_order(local, labels, order)
+        return SplitFeatures(images.features, images.labels, self._normalised(text_features), text_labels)
+
+    @torch.no_grad()
+    def _image_pass(self, split: str) -> _ImagePass:
+        if split in self._images:
+            return self._images[split]
         cfg = self.cfg
         self.engine.eval()
         h, w = cfg.model.image_size
-        images, image_labels, captions, caption_labels = [], [], [], []
         loader = eval_loader(cfg.data.eval_shards or cfg.data.shards, split, cfg.model.image_size, self.rank,
-                             self.world_size, cfg.train.eval_batch_size, cfg.data.workers, language)
-        dummy_image = {"image": torch.zeros(1, 3, h, w), "pid": torch.zeros(1, dtype=torch.long), "captions": []}
-        faults: list[SampleFault] = []
-        for batch, real in self._lockstep(loader, dummy_image):
+                             self.world_size, cfg.train.eval_batch_size, cfg.data.workers)
+        dummy = {"image": torch.zeros(1, 3, h, w, dtype=torch.uint8)}
+        features, local, faults, width = [], [], [], 0
+        for batch, real in self._lockstep(loader, dummy):
             if real:
                 faults += batch["faults"]
                 if batch["image"] is None:  # nothing usable in this batch: the dummy keeps MoE collectives matched
-                    batch, real = dummy_image, False
-            feats = self.model.encode_image(batch["image"].to(self.device, self.dtype)).float().cpu()
+                    batch, real = dummy, False
+            pixels = normalize(batch["image"], device=self.device, dtype=self.dtype)
+            feats = self.model.encode_image(pixels).float()
+            width = feats.shape[1]
             if real:
-                images.append(feats)
-                image_labels.append(batch["pid"])
-                for label, caps in zip(batch["pid"].tolist(), batch["captions"]):
-                    captions.extend(caps)
-                    caption_labels.extend([label] * len(caps))
-        size = cfg.train.eval_batch_size
-        chunks = ((captions[i:i + size], caption_labels[i:i + size]) for i in range(0, len(captions), size))
-        texts, text_labels = [], []
-        for (chunk, labels), real in self._lockstep(chunks, ([""], [0])):
-            feats = text_forward(self._to_device(encode(chunk))).float().cpu()
-            if real:
-                texts.append(feats)
-                text_labels.append(torch.tensor(labels))
+                features.append(feats)
+                local += zip(batch["index"].tolist(), batch["pid"].tolist(), batch["captions"])
         self.engine.train()
-        local = [_cat(images, 1), _cat(image_labels), _cat(texts, 1), _cat(text_labels), faults]
         gathered: list = [None] * self.world_size
-        dist.all_gather_object(gathered, local)
-        self._check_missing(split, [f for g in gathered for f in g[4]])
-        return tuple(torch.cat([g[i] for g in gathered if g[i].numel()]) for i in range(4))
+        dist.all_gather_object(gathered, faults)
+        self._check_missing(split, [f for rank_faults in gathered for f in rank_faults])
+        own = torch.cat(features) if features else torch.zeros(0, width, device=self.device)
+        labels = torch.tensor([s[1] for s in local], dtype=torch.long, device=self.device)
+        order = torch.tensor([s[0] for s in local], dtype=torch.long, device=self.device)
+        image_features, image_labels = _in_split_order(own, labels, order)
+        if image_features.shape[0] == 0:
+            raise RunError(f"the evaluation split '{split}' has no usable image")
+        self._images[split] = _ImagePass(self._normalised(image_features), image_labels, local)
+        return self._images[split]
+
+    def _normalised(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(features, dim=-1).to(self.dtype)
 
     def _check_missing(self, split: str, faults: list[SampleFault]) -> None:
         """Remember the split's unusable samples; past the run's limit, stop (on every rank alike)."""
@@ -103,10 +163,33 @@ class Evaluator:
         return {"incomplete": {"missing_samples": len(faults), "reasons": summarize(faults.values())}}
 
 
-def _cat(parts: list[torch.Tensor], width: int | None = None) -> torch.Tensor:
-    if parts:
-        return torch.cat(parts)
-    return torch.zeros(0, width) if width is not None else torch.zeros(0, dtype=torch.long)
+def _sum_over_ranks(sums: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    return sums
+
+
+def _gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``local`` (rank by rank), on every rank; ranks may hold different numbers of rows."""
+    world = dist.get_world_size()
+    if world == 1:
+        return local
+    count = torch.tensor([local.shape[0]], device=local.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = local.new_zeros((max(counts), *local.shape[1:]))
+    padded[:local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def _in_split_order(features: torch.Tensor, labels: torch.Tensor,
+                    order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (features, labels) sorted by split index (stable: a sample's captions keep their order)."""
+    features, labels, order = _gather_rows(features), _gather_rows(labels), _gather_rows(order)
+    permutation = torch.sort(order, stable=True).indices
+    return features[permutation], labels[permutation]
 
 
 def format_results(results: dict, keys: tuple[str, ...]) -> str:
@@ -124,5 +207,5 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path, split: str, loca
     """Score ``split`` with a saved run's adapters (any world size / ep_size)."""
     method, engine, source = build_inference_engine(cfg, checkpoint)
     evaluator = Evaluator(cfg, engine, device_for(local_rank))
-    metrics = method.evaluate(evaluator, split)
+    metrics = evaluator.evaluate(method, split)
     return {"checkpoint": source, "split": split, **metrics, **evaluator.completeness(split)}

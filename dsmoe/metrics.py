@@ -1,4 +1,4 @@
-"""Retrieval metrics, computed over chunks of queries so that the full ranking is never sorted at once.
+"""Retrieval metrics, computed block by block from a score matrix or straight from features, by counting.
 
 Two protocols (the README's "Evaluation protocol"):
 
@@ -7,20 +7,37 @@ Two protocols (the README's "Evaluation protocol"):
 - :func:`recall_metrics`: image-text retrieval with several captions per image: R@1/5/10 in both directions
   and their mean, AR.
 
-Ties are broken by a stable descending sort: among equal scores, the gallery item with the lower index ranks
-first. All values are returned in percent as Python floats.
+Ranks follow a stable descending sort (among equal scores the gallery item with the lower index ranks first), but
+nothing is sorted: an item's 0-based rank is the number of items scoring higher plus the number scoring the same
+with a lower index. For person retrieval the ranks of every positive come from one ``searchsorted`` of the block
+against the query's sorted positive scores and a histogram, which gives AP and INP as well.
+
+Only a block of rows (queries) is ever held: ``chunk_size`` rows, fewer for a wide gallery. The ``*_from_features``
+variants compute each block as ``queries[i:j] @ gallery.T`` (on the features' device, in their dtype), rank in
+float32 or wider, and can take every ``world``-th block (``part=(rank, world)``) with the partial sums added up by
+``reduce`` (an all-reduce), so that ranks share the work. All values are returned in percent as Python floats.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-__all__ = ["rank_metrics", "recall_metrics"]
+__all__ = ["rank_metrics", "rank_metrics_from_features", "recall_metrics", "recall_metrics_from_features"]
 
 _KS: tuple[int, ...] = (1, 5, 10)
+_BLOCK_ELEMENTS = 8 * 2 ** 20  # scores per block at the most (the block and its int32 helpers: ~100 MB)
+
+Blocks = Callable[[int, int], torch.Tensor]  # (start, stop) -> scores of rows start..stop-1, [stop - start, cols]
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _check_similarity(similarity: torch.Tensor, name: str = "similarity") -> None:
+# ---------------------------------------------------------------------------------------------------------------
+# input checks (once per call, not per block)
+
+
+def _check_scores(similarity: torch.Tensor, name: str = "similarity") -> None:
     if not isinstance(similarity, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(similarity).__name__}")
     if similarity.dim() != 2:
@@ -39,7 +56,7 @@ def _check_ids(ids: torch.Tensor, length: int, name: str, what: str) -> None:
     if ids.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(ids.shape)}")
     if ids.shape[0] != length:
-        raise ValueError(f"{name} has {ids.shape[0]} entries but similarity has {length} {what}")
+        raise ValueError(f"{name} has {ids.shape[0]} entries but there are {length} {what}")
     if ids.is_floating_point() or ids.is_complex():
         raise ValueError(f"{name} must hold integer ids, got dtype {ids.dtype}")
 
@@ -49,52 +66,199 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
-def _checked_inputs(similarity: torch.Tensor, row_ids: torch.Tensor, row_name: tuple[str, str],
-                    col_ids: torch.Tensor, col_name: tuple[str, str],
-                    chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate a [rows, cols] score matrix, its row and column ids ((argument, what a row/column is)) and the
-    chunk size; return the ids on the matrix's device."""
-    _check_similarity(similarity)
-    num_rows, num_cols = similarity.shape
-    _check_ids(row_ids, num_rows, row_name[0], f"rows ({row_name[1]})")
-    _check_ids(col_ids, num_cols, col_name[0], f"columns ({col_name[1]})")
-    _check_chunk_size(chunk_size)
-    return row_ids.to(similarity.device), col_ids.to(similarity.device)
+def _check_features(queries: torch.Tensor, gallery: torch.Tensor, names: tuple[str, str]) -> None:
+    for name, t in zip(names, (queries, gallery)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] == 0 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a non-empty 2-D float tensor [items, dim], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if bool(torch.isnan(t).any()):
+            raise ValueError(f"{name} contains NaN; rankings would be undefined")
+    if queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"{names[0]} and {names[1]} have different widths: {queries.shape[1]} and {gallery.shape[1]}")
 
 
-def _sorted_order(block: torch.Tensor) -> torch.Tensor:
-    """Indices of ``block`` [chunk, G] sorted by descending score per row; ties keep index order."""
-    return torch.sort(block, dim=1, descending=True, stable=True).indices
+def _check_person_ids(query_pids: torch.Tensor, gallery_pids: torch.Tensor) -> None:
+    has_positive = torch.isin(query_pids, gallery_pids)
+    if not bool(has_positive.all()):
+        missing = torch.nonzero(~has_positive).flatten()
+        raise ValueError(
+            f"{missing.numel()} of {len(query_pids)} queries have no positive in the gallery "
+            f"(first query indices: {missing[:5].tolist()}, pids: {query_pids[missing[:5]].tolist()}); "
+            "the protocol requires every query's person id to appear in the gallery")
 
 
-def _first_hit_rank(hits: torch.Tensor) -> torch.Tensor:
-    """0-based position of the first True per row of ``hits`` [chunk, G]; G where a row has none."""
-    num_cols = hits.shape[1]
-    positions = torch.arange(num_cols, device=hits.device).expand_as(hits)
-    return torch.where(hits, positions, torch.full_like(positions, num_cols)).min(dim=1).values
+def _check_image_ids(text_image_ids: torch.Tensor, image_ids: torch.Tensor) -> None:
+    if torch.unique(image_ids).numel() != len(image_ids):
+        raise ValueError("image_ids must be unique (one column per image)")
+    known = torch.isin(text_image_ids, image_ids)
+    if not bool(known.all()):
+        bad = torch.nonzero(~known).flatten()
+        raise ValueError(f"{bad.numel()} captions refer to image ids not in image_ids "
+                         f"(first caption indices: {bad[:5].tolist()}, ids: {text_image_ids[bad[:5]].tolist()})")
 
 
-def _hits_at_k(first: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
-    """[len(_KS)] how many rows (of those ``counted``) have their first hit within the top K, for each K."""
-    within = torch.stack([first < k for k in _KS])  # [len(_KS), chunk]
-    return (within if counted is None else within & counted).sum(dim=1)
+# ---------------------------------------------------------------------------------------------------------------
+# the counting kernels: one block of query rows against the whole gallery
+
+
+def _rank_dtype(scores: torch.Tensor) -> torch.Tensor:
+    """Scores to rank: float32 at least (bf16 and fp16 blocks are widened), contiguous."""
+    wide = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+    return wide.contiguous()
+
+
+def _hits(rank0: torch.Tensor) -> torch.Tensor:
+    """[len(_KS)] rows whose 0-based rank is below K, for each K."""
+    return torch.stack([(rank0 < k).sum() for k in _KS]).to(torch.float64)
+
+
+def _person_block(scores: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor) -> torch.Tensor:
+    """[hits@1, hits@5, hits@10, sum of AP, sum of INP] of one block of queries (every query has a positive)."""
+    scores = _rank_dtype(scores)
+    rows, cols = scores.shape
+    device = scores.device
+    positive = gallery_pids[None, :] == query_pids[:, None]  # [c, G]
+    count = positive.sum(dim=1)  # >= 1
+    width = int(count.max())
+    row, col = positive.nonzero(as_tuple=True)  # row-major: each row's positives in column order
+    slot = torch.arange(len(row), device=device) - (torch.cumsum(count, 0) - count)[row]
+    pos_col = torch.full((rows, width), cols, dtype=torch.long, device=device)
+    pos_col[row, slot] = col
+    pos_score = torch.full((rows, width), float("inf"), dtype=scores.dtype, device=device)
+    pos_score[row, slot] = scores[row, col]
+
+    # Items scoring higher than each positive: a histogram of where every item falls among the sorted positives
+    # (a column of +inf after them, so that every item has a place). Items below the lowest positive all fall in
+    # the first place; for a useful model they are nearly all of them, so only the others are placed one by one.
+    sorted_score, perm = torch.cat([pos_score, pos_score.new_full((rows, 1), float("inf"))], dim=1).sort(dim=1)
+    histogram = torch.zeros(rows, width + 1, dtype=torch.int64, device=device)
+    contender = scores >= sorted_score[:, :1]
+    contenders = contender.sum(dim=1)
+    if int(contenders.sum()) <= rows * cols // 32:
+        c_row, c_col = contender.nonzero(as_tuple=True)
+        c_score = scores[c_row, c_col]
+        place = torch.searchsorted(sorted_score[c_row], c_score[:, None]).squeeze(1)
+        histogram.index_put_((c_row, place), torch.ones_like(place), accumulate=True)
+        histogram[:, 0] += cols - contenders
+        tied = sorted_score[c_row, place] == c_score
+        tie_row, tie_col = c_row[tied], c_col[tied]
+    else:
+        place = torch.searchsorted(sorted_score, scores)  # [c, G]
+        histogram.scatter_add_(1, place, torch.ones((1, 1), dtype=torch.int64, device=device).expand(rows, cols))
+        tie_row, tie_col = (sorted_score.gather(1, place) == scores).nonzero(as_tuple=True)
+    higher = torch.empty(rows, width + 1, dtype=torch.int64, device=device)
+    higher.scatter_(1, perm, cols - histogram.cumsum(dim=1))
+    higher = higher[:, :width]
+
+    # ... plus items with the same score and a lower index (equal scores: duplicates, quantised scores); an item
+    # scores the same as some positive when it equals the lowest positive score not below it
+    tie_score = scores[tie_row, tie_col]
+    order = torch.argsort(tie_score, stable=True)
+    order = order[torch.argsort(tie_row[order], stable=True)]  # by row, then score, then column
+    tie_row, tie_col, tie_score = tie_row[order], tie_col[order], tie_score[order]
+    new_group = torch.ones(len(order), dtype=torch.bool, device=device)
+    new_group[1:] = (tie_row[1:] != tie_row[:-1]) | (tie_score[1:] != tie_score[:-1])
+    start = torch.cummax(torch.where(new_group, torch.arange(len(order), device=device), 0), dim=0).values
+    before = torch.arange(len(order), device=device) - start  # same-score items with a lower index
+    is_positive = positive[tie_row, tie_col]
+    p_row, p_col, p_before = tie_row[is_positive], tie_col[is_positive], before[is_positive]
+    p_slot = torch.searchsorted(pos_col[p_row], p_col[:, None]).squeeze(1)
+    ties = torch.zeros(rows, width, dtype=torch.int64, device=device)
+    ties[p_row, p_slot] = p_before
+
+    valid = torch.arange(width, device=device)[None, :] < count[:, None]
+    rank1 = torch.where(valid, higher + ties + 1, torch.iinfo(torch.int64).max).sort(dim=1).values  # 1-based
+    nth = torch.arange(1, width + 1, device=device, dtype=torch.float64)[None, :]
+    precision = torch.where(valid, nth / rank1.to(torch.float64), 0.0)
+    ap = precision.sum(dim=1) / count
+    inp = count / rank1.gather(1, (count - 1)[:, None]).squeeze(1).to(torch.float64)
+    return torch.cat([_hits(rank1[:, 0] - 1), ap.sum()[None], inp.sum()[None]])
+
+
+def _rank_of_best(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each row's best-ranked positive (rows without one: a rank past every K)."""
+    scores = _rank_dtype(scores)
+    masked = torch.where(positive, scores, float("-inf"))
+    best = masked.max(dim=1, keepdim=True).values
+    first = (positive & (scores == best)).int().argmax(dim=1, keepdim=True)  # the lowest index among equals
+    columns = torch.arange(scores.shape[1], device=scores.device)[None, :]
+    rank0 = (scores > best).sum(dim=1) + ((scores == best) & (columns < first)).sum(dim=1)
+    return torch.where(positive.any(dim=1), rank0, torch.iinfo(torch.int64).max)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# driving the kernels over blocks
+
+
+def _rows_per_block(cols: int, chunk_size: int) -> int:
+    return max(1, min(chunk_size, _BLOCK_ELEMENTS // cols))
+
+
+def _sum_blocks(num_rows: int, cols: int, chunk_size: int, part: tuple[int, int], width: int,
+                kernel: Callable[[int, int], torch.Tensor], device: torch.device) -> torch.Tensor:
+    step = _rows_per_block(cols, chunk_size)
+    rank, world = part
+    total = torch.zeros(width, dtype=torch.float64, device=device)
+    for index, start in enumerate(range(0, num_rows, step)):
+        if index % world == rank:
+            total += kernel(start, min(start + step, num_rows))
+    return total
+
+
+def _person_sums(blocks: Blocks, query_pids: torch.Tensor, gallery_pids: torch.Tensor, chunk_size: int,
+                 part: tuple[int, int], reduce: Reduce | None, device: torch.device) -> dict[str, float]:
+    sums = _sum_blocks(len(query_pids), len(gallery_pids), chunk_size, part, len(_KS) + 2,
+                       lambda s, e: _person_block(blocks(s, e), query_pids[s:e], gallery_pids), device)
+    if reduce is not None:
+        sums = reduce(sums)
+    scale = 100.0 / len(query_pids)
+    result = {f"R{k}": float(sums[i]) * scale for i, k in enumerate(_KS)}
+    result["mAP"] = float(sums[len(_KS)]) * scale
+    result["mINP"] = float(sums[len(_KS) + 1]) * scale
+    return result
+
+
+def _recall_sums(t2i_blocks: Blocks, i2t_blocks: Blocks, text_image_ids: torch.Tensor, image_ids: torch.Tensor,
+                 chunk_size: int, part: tuple[int, int], reduce: Reduce | None,
+                 device: torch.device) -> dict[str, float]:
+    num_texts, num_images = len(text_image_ids), len(image_ids)
+
+    def t2i(start: int, stop: int) -> torch.Tensor:
+        return _hits(_rank_of_best(t2i_blocks(start, stop), image_ids[None, :] == text_image_ids[start:stop, None]))
+
+    def i2t(start: int, stop: int) -> torch.Tensor:
+        return _hits(_rank_of_best(i2t_blocks(start, stop), text_image_ids[None, :] == image_ids[start:stop, None]))
+
+    sums = torch.cat([_sum_blocks(num_texts, num_images, chunk_size, part, len(_KS), t2i, device),
+                      _sum_blocks(num_images, num_texts, chunk_size, part, len(_KS), i2t, device)])
+    if reduce is not None:
+        sums = reduce(sums)
+    captioned = int(torch.isin(image_ids, text_image_ids).sum())  # images without a caption are only distractors
+    result = {f"t2i_R{k}": float(sums[i]) * 100.0 / num_texts for i, k in enumerate(_KS)}
+    result.update({f"i2t_R{k}": float(sums[len(_KS) + i]) * 100.0 / captioned for i, k in enumerate(_KS)})
+    result["AR"] = sum(result.values()) / 6.0
+    return result
+
+
+def _feature_blocks(queries: torch.Tensor, gallery: torch.Tensor) -> Blocks:
+    gallery_t = gallery.t()
+    return lambda start, stop: queries[start:stop] @ gallery_t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public API
 
 
 @torch.no_grad()
-def rank_metrics(
-    similarity: torch.Tensor,
-    query_pids: torch.Tensor,
-    gallery_pids: torch.Tensor,
-    *,
-    chunk_size: int = 1024,
-) -> dict[str, float]:
+def rank_metrics(similarity: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor, *,
+                 chunk_size: int = 1024) -> dict[str, float]:
     """Text-to-image person-retrieval metrics (IRRA protocol), in percent.
 
     Args:
         similarity: [Q, G] scores, queries (captions) x gallery (images); higher is more similar.
         query_pids: [Q] person id of each query.
         gallery_pids: [G] person id of each gallery item.
-        chunk_size: number of queries ranked at a time (only a [chunk_size, G] block is ever sorted).
+        chunk_size: queries ranked at a time (fewer for a wide gallery).
 
     Returns:
         ``{"R1", "R5", "R10", "mAP", "mINP"}``. R@K: share of queries with a positive in the top K.
@@ -104,61 +268,42 @@ def rank_metrics(
     Raises:
         ValueError: on malformed inputs or if some query has no positive in the gallery.
     """
-    query_pids, gallery_pids = _checked_inputs(similarity, query_pids, ("query_pids", "queries"), gallery_pids,
-                                               ("gallery_pids", "gallery items"), chunk_size)
-    num_queries, num_gallery = similarity.shape
-    device = similarity.device
-
-    has_positive = torch.isin(query_pids, gallery_pids)
-    if not bool(has_positive.all()):
-        missing = torch.nonzero(~has_positive).flatten()
-        raise ValueError(
-            f"{missing.numel()} of {num_queries} queries have no positive in the gallery "
-            f"(first query indices: {missing[:5].tolist()}, pids: {query_pids[missing[:5]].tolist()}); "
-            "the protocol requires every query's person id to appear in the gallery"
-        )
-
-    hits_at_k = torch.zeros(len(_KS), dtype=torch.float64, device=device)
-    ap_sum = torch.zeros((), dtype=torch.float64, device=device)
-    inp_sum = torch.zeros((), dtype=torch.float64, device=device)
-    ranks = torch.arange(1, num_gallery + 1, dtype=torch.float64, device=device)  # 1-based
-
-    for start in range(0, num_queries, chunk_size):
-        stop = min(start + chunk_size, num_queries)
-        order = _sorted_order(similarity[start:stop])
-        matches = gallery_pids[order] == query_pids[start:stop, None]  # [c, G] bool, in rank order
-
-        hits_at_k += _hits_at_k(_first_hit_rank(matches))
-
-        matches_f = matches.to(torch.float64)
-        num_pos = matches_f.sum(dim=1)  # >= 1 by the check above
-        precision = matches_f.cumsum(dim=1) / ranks
-        ap_sum += ((precision * matches_f).sum(dim=1) / num_pos).sum()
-        last_rank = (matches_f * ranks).max(dim=1).values  # 1-based rank of the last positive
-        inp_sum += (num_pos / last_rank).sum()
-
-    scale = 100.0 / num_queries
-    result = {f"R{k}": float(hits_at_k[i]) * scale for i, k in enumerate(_KS)}
-    result["mAP"] = float(ap_sum) * scale
-    result["mINP"] = float(inp_sum) * scale
-    return result
+    _check_scores(similarity)
+    _check_ids(query_pids, similarity.shape[0], "query_pids", "rows (queries)")
+    _check_ids(gallery_pids, similarity.shape[1], "gallery_pids", "columns (gallery items)")
+    _check_chunk_size(chunk_size)
+    query_pids, gallery_pids = query_pids.to(similarity.device), gallery_pids.to(similarity.device)
+    _check_person_ids(query_pids, gallery_pids)
+    return _person_sums(lambda s, e: similarity[s:e], query_pids, gallery_pids, chunk_size, (0, 1), None,
+                        similarity.device)
 
 
 @torch.no_grad()
-def recall_metrics(
-    similarity: torch.Tensor,
-    text_image_ids: torch.Tensor,
-    image_ids: torch.Tensor,
-    *,
-    chunk_size: int = 1024,
-) -> dict[str, float]:
+def rank_metrics_from_features(queries: torch.Tensor, query_pids: torch.Tensor, gallery: torch.Tensor,
+                               gallery_pids: torch.Tensor, *, chunk_size: int = 1024, part: tuple[int, int] = (0, 1),
+                               reduce: Reduce | None = None) -> dict[str, float]:
+    """:func:`rank_metrics` of ``queries @ gallery.T`` (normalise the features first for cosine similarity),
+    computed one block of queries at a time; ``part``/``reduce`` share the blocks between ranks."""
+    _check_features(queries, gallery, ("queries", "gallery"))
+    _check_ids(query_pids, len(queries), "query_pids", "queries")
+    _check_ids(gallery_pids, len(gallery), "gallery_pids", "gallery items")
+    _check_chunk_size(chunk_size)
+    query_pids, gallery_pids = query_pids.to(queries.device), gallery_pids.to(queries.device)
+    _check_person_ids(query_pids, gallery_pids)
+    return _person_sums(_feature_blocks(queries, gallery), query_pids, gallery_pids, chunk_size, part, reduce,
+                        queries.device)
+
+
+@torch.no_grad()
+def recall_metrics(similarity: torch.Tensor, text_image_ids: torch.Tensor, image_ids: torch.Tensor, *,
+                   chunk_size: int = 1024) -> dict[str, float]:
     """Image-text retrieval recalls in both directions, in percent.
 
     Args:
         similarity: [T, I] scores, texts x images.
         text_image_ids: [T] id of the image each caption describes; every id must be in ``image_ids``.
         image_ids: [I] unique id of each image.
-        chunk_size: number of queries ranked at a time, in either direction.
+        chunk_size: queries ranked at a time, in either direction.
 
     Returns:
         ``t2i_R{1,5,10}``: share of captions whose image is in their top K.
@@ -169,44 +314,27 @@ def recall_metrics(
     Raises:
         ValueError: on malformed inputs, duplicate image ids, or a caption whose image id is unknown.
     """
-    text_image_ids, image_ids = _checked_inputs(similarity, text_image_ids, ("text_image_ids", "texts"), image_ids,
-                                                ("image_ids", "images"), chunk_size)
-    num_texts, num_images = similarity.shape
-    device = similarity.device
+    _check_scores(similarity)
+    _check_ids(text_image_ids, similarity.shape[0], "text_image_ids", "rows (texts)")
+    _check_ids(image_ids, similarity.shape[1], "image_ids", "columns (images)")
+    _check_chunk_size(chunk_size)
+    text_image_ids, image_ids = text_image_ids.to(similarity.device), image_ids.to(similarity.device)
+    _check_image_ids(text_image_ids, image_ids)
+    return _recall_sums(lambda s, e: similarity[s:e], lambda s, e: similarity[:, s:e].t(), text_image_ids,
+                        image_ids, chunk_size, (0, 1), None, similarity.device)
 
-    if torch.unique(image_ids).numel() != num_images:
-        raise ValueError("image_ids must be unique (one column per image)")
-    known = torch.isin(text_image_ids, image_ids)
-    if not bool(known.all()):
-        bad = torch.nonzero(~known).flatten()
-        raise ValueError(
-            f"{bad.numel()} captions refer to image ids not in image_ids "
-            f"(first caption indices: {bad[:5].tolist()}, ids: {text_image_ids[bad[:5]].tolist()})"
-        )
 
-    # Column index of each caption's image.
-    sorted_ids, perm = torch.sort(image_ids)
-    target_column = perm[torch.searchsorted(sorted_ids, text_image_ids)]
-
-    t2i_hits = torch.zeros(len(_KS), dtype=torch.int64, device=device)
-    for start in range(0, num_texts, chunk_size):
-        stop = min(start + chunk_size, num_texts)
-        order = _sorted_order(similarity[start:stop])
-        t2i_hits += _hits_at_k(_first_hit_rank(order == target_column[start:stop, None]))
-
-    has_caption = torch.isin(image_ids, text_image_ids)
-    num_captioned = int(has_caption.sum())  # >= 1 since num_texts >= 1 and every caption's image exists
-    i2t_hits = torch.zeros(len(_KS), dtype=torch.int64, device=device)
-    for start in range(0, num_images, chunk_size):
-        stop = min(start + chunk_size, num_images)
-        order = _sorted_order(similarity[:, start:stop].T)  # [c, T]
-        i2t_hits += _hits_at_k(_first_hit_rank(text_image_ids[order] == image_ids[start:stop, None]),
-                               has_caption[start:stop])
-
-    result: dict[str, float] = {}
-    for i, k in enumerate(_KS):
-        result[f"t2i_R{k}"] = float(t2i_hits[i]) * 100.0 / num_texts
-    for i, k in enumerate(_KS):
-        result[f"i2t_R{k}"] = float(i2t_hits[i]) * 100.0 / num_captioned
-    result["AR"] = sum(result.values()) / 6.0
-    return result
+@torch.no_grad()
+def recall_metrics_from_features(texts: torch.Tensor, text_image_ids: torch.Tensor, images: torch.Tensor,
+                                 image_ids: torch.Tensor, *, chunk_size: int = 1024, part: tuple[int, int] = (0, 1),
+                                 reduce: Reduce | None = None) -> dict[str, float]:
+    """:func:`recall_metrics` of ``texts @ images.T``, one block at a time in each direction; ``part``/``reduce``
+    share the blocks between ranks."""
+    _check_features(texts, images, ("texts", "images"))
+    _check_ids(text_image_ids, len(texts), "text_image_ids", "texts")
+    _check_ids(image_ids, len(images), "image_ids", "images")
+    _check_chunk_size(chunk_size)
+    text_image_ids, image_ids = text_image_ids.to(texts.device), image_ids.to(texts.device)
+    _check_image_ids(text_image_ids, image_ids)
+    return _recall_sums(_feature_blocks(texts, images), _feature_blocks(images, texts), text_image_ids, image_ids,
+                        chunk_size, part, reduce, texts.device)

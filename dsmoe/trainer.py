@@ -17,6 +17,7 @@ from dsmoe.checkpoint import complete_tag, is_portable, resolve_checkpoint
 from dsmoe.config import RunConfig, to_dict
 from dsmoe.data.faults import FaultLog, bad_sample_limit, summarize
 from dsmoe.data.pipeline import TrainStreamConfig, batches_per_epoch, train_loader
+from dsmoe.data.transforms import normalize
 from dsmoe.distributed import flag_tensor
 from dsmoe.engine import build_training_engine, device_for, expert_parallel_size
 from dsmoe.evaluation import Evaluator, format_results
@@ -75,7 +76,7 @@ class Trainer:
                                bad_sample_limit(cfg.data.max_bad_share, cfg.data.max_bad_count, train.samples))
 
     def evaluate(self, split: str) -> dict[str, float]:
-        metrics = self.method.evaluate(self.evaluator, split)
+        metrics = self.evaluator.evaluate(self.method, split)
         incomplete = self.evaluator.completeness(split)
         if incomplete:
             self.log.info(f"WARNING: split '{split}' was scored without {incomplete['incomplete']['missing_samples']} "
@@ -183,8 +184,10 @@ class Trainer:
                                     desc=f"epoch {prog.epoch + 1}/{cfg.train.epochs}")
             for batch in loader:
                 self.faults.add(batch.pop("faults"))
-                batch = {k: v.to(self.device, dtype=self.dtype) if k == "image" else v.to(self.device)
-                         for k, v in batch.items()}
+                if "image" in batch:  # uint8 from the reader: normalised (and erased) here, on the device
+                    batch["image"] = normalize(batch.pop("image"), batch.pop("erase"), device=self.device,
+                                               dtype=self.dtype)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
                 out = self.engine(batch)
                 self.method.backward(self.engine, out)
                 self.engine.step()

@@ -135,7 +135,7 @@ def test_eval_reader_yields_usable_samples_once_and_a_fault_for_each_other(fault
     faults = [i for i in items if isinstance(i, SampleFault)]
     images = [i for i in items if not isinstance(i, SampleFault)]
     assert sorted(f.identity for f in faults) == sorted(expected)
-    assert len(images) == 16 - len(expected) and len({key for _, _, key, _ in images}) == len(images)
+    assert len(images) == 16 - len(expected) and len({s.key for s in images}) == len(images)
 
 
 def test_empty_tar_and_extra_samples_disagree_with_the_manifest(intact, tmp_path, encoder):

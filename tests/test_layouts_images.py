@@ -187,11 +187,11 @@ def test_multi30k_shards_read_back_through_the_pipeline(m30k_shards: Path, tmp_p
             decoded = tokenizer.batch_decode(batch["text"], skip_special_tokens=True)
             assert all(norm(text) in {norm(c) for c in german} for text in decoded)
             assert set(batch["pid"].tolist()) <= labels
-    items = list(EvalImages(str(m30k_shards), "test", (24, 32), rank=0, world_size=1, language="fr"))
+    items = list(EvalImages(str(m30k_shards), "test", (24, 32), rank=0, world_size=1))
     tests = _samples(m30k_shards, "test")
-    assert [key for _, _, key, _ in items] == [key for key, _, _ in tests]
-    assert [caps for _, _, _, caps in items] == [meta["captions"]["fr"] for _, _, meta in tests]
-    assert [label for _, label, _, _ in items] == [sample_label(meta) for _, _, meta in tests]
+    assert [s.key for s in items] == [key for key, _, _ in tests]
+    assert [s.captions["fr"] for s in items] == [meta["captions"]["fr"] for _, _, meta in tests]
+    assert [s.label for s in items] == [sample_label(meta) for _, _, meta in tests]
 
 
 # -------------------------------------------------------------------------------------------------------- COCO

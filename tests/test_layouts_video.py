@@ -155,9 +155,9 @@ def test_video_shards_read_back_through_the_pipeline(vtt_shards: Path, tmp_path:
     assert len(batches) == 3 and all(b["image"].shape == (2, 5, 3, 16, 16) for b in batches)
     decoded = {t.replace(" ", "") for b in batches for t in tokenizer.batch_decode(b["text"], skip_special_tokens=True)}
     assert decoded <= {c.replace(" ", "") for c in chinese}
-    items = list(EvalImages(str(vtt_shards), "test", (16, 16), rank=0, world_size=1, language="zh"))
-    assert len(items) == 1 and items[0][2] == "test_0000000" and len(items[0][3]) == 2
-    assert tuple(items[0][0].shape) in ((5, 3, 16, 16), (3, 16, 16))  # frames, or the first frame only
+    items = list(EvalImages(str(vtt_shards), "test", (16, 16), rank=0, world_size=1))
+    assert len(items) == 1 and items[0].key == "test_0000000" and len(items[0].captions["zh"]) == 2
+    assert tuple(items[0].image.shape) in ((5, 3, 16, 16), (3, 16, 16))  # frames, or the first frame only
 
 
 def test_jsonl_video_entries(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -121,21 +121,62 @@ def test_rank_metrics_perfect_ranking() -> None:
     assert got == {"R1": 100.0, "R5": 100.0, "R10": 100.0, "mAP": 100.0, "mINP": 100.0}
 
 
-def test_rank_metrics_sorts_only_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    shapes: list[tuple[int, ...]] = []
-    real_sort = torch.sort
+def test_only_blocks_of_queries_are_held_and_nothing_is_sorted_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks: list[tuple[int, ...]] = []
+    for name in ("_person_block", "_rank_of_best"):
+        real = getattr(metrics, name)
 
-    def spy(x: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
-        shapes.append(tuple(x.shape))
+        def spy(scores, *args, real=real):  # type: ignore[no-untyped-def]
+            blocks.append(tuple(scores.shape))
+            return real(scores, *args)
+
+        monkeypatch.setattr(metrics, name, spy)
+    sorts: list[tuple[int, ...]] = []
+    real_sort = torch.Tensor.sort
+
+    def sort_spy(x, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sorts.append(tuple(x.shape))
         return real_sort(x, *args, **kwargs)
 
-    monkeypatch.setattr(metrics.torch, "sort", spy)
+    monkeypatch.setattr(torch.Tensor, "sort", sort_spy)
     sim = torch.randn(31, 23)
     rank_metrics(sim, torch.arange(31) % 5, torch.arange(23) % 5, chunk_size=7)
     recall_metrics(sim, torch.arange(31) % 23, torch.arange(23), chunk_size=7)
-    matrix_sorts = [s for s in shapes if len(s) == 2]
-    assert matrix_sorts, "expected torch.sort on similarity blocks"
-    assert all(s[0] <= 7 for s in matrix_sorts), matrix_sorts
+    assert blocks and all(rows <= 7 for rows, _ in blocks), blocks
+    assert all(shape[-1] < 23 for shape in sorts), sorts  # only the few positives of each query are sorted
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 100)  # a wide gallery: fewer rows per block
+    blocks.clear()
+    rank_metrics(sim, torch.arange(31) % 5, torch.arange(23) % 5, chunk_size=7)
+    assert {rows for rows, _ in blocks} <= {4, 3}
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+def test_metrics_from_features_agree_with_the_matrix_and_split_over_ranks(quantised: bool) -> None:
+    gen = torch.Generator().manual_seed(5)
+    texts, images = torch.randn(40, 8, generator=gen), torch.randn(17, 8, generator=gen)
+    if quantised:  # duplicated features: exact ties
+        texts, images = texts.round(), images.round()
+        images[3] = images[5]
+    pids = torch.randint(0, 6, (17,), generator=gen)
+    text_pids = pids[torch.randint(0, 17, (40,), generator=gen)]
+    whole = rank_metrics(texts @ images.t(), text_pids, pids)
+    assert metrics.rank_metrics_from_features(texts, text_pids, images, pids, chunk_size=6) == pytest.approx(whole)
+    parts = [torch.zeros(5, dtype=torch.float64)]
+
+    def gather(sums: torch.Tensor) -> torch.Tensor:  # the all-reduce of 3 ranks, each seeing its own blocks
+        parts.append(sums)
+        return sums
+
+    for rank in range(3):
+        metrics.rank_metrics_from_features(texts, text_pids, images, pids, chunk_size=6, part=(rank, 3), reduce=gather)
+    total = sum(parts)
+    split = {"R1": float(total[0]) * 100 / 40, "mAP": float(total[3]) * 100 / 40}
+    assert split == pytest.approx({"R1": whole["R1"], "mAP": whole["mAP"]})
+    image_ids = torch.arange(100, 117)
+    caption_of = image_ids[torch.randint(0, 16, (40,), generator=gen)]  # image 116 has no caption
+    want = recall_metrics(texts @ images.t(), caption_of, image_ids)
+    got = metrics.recall_metrics_from_features(texts, caption_of, images, image_ids, chunk_size=5)
+    assert got == pytest.approx(want)
 
 
 def test_rank_metrics_errors() -> None:

@@ -20,6 +20,7 @@ from dsmoe.shards.layouts.person import read_person_layout
 from dsmoe.shards.writer import write_shards
 from dsmoe.demo.people import make_synthetic_pedes
 from dsmoe.data.text import CaptionEncoder
+from dsmoe.data.transforms import normalize
 from dsmoe.demo.models import train_tokenizer
 
 NUM_IDS = {"train": 8, "val": 2, "test": 3}
@@ -242,7 +243,8 @@ def test_every_rank_yields_the_same_number_of_batches(shard_dir, encoder, split,
         batches = _take(cfg, encoder, workers=workers)
         per_rank.append(len(batches))
         for batch in batches:
-            assert batch["image"].shape == (3, 3, *IMAGE_SIZE) and batch["image"].dtype == torch.float32
+            assert batch["image"].shape == (3, 3, *IMAGE_SIZE) and batch["image"].dtype == torch.uint8
+            assert batch["erase"].shape == (3, 4)
             assert batch["text"].shape == (3, TEXT_LENGTH) and batch["eot"].shape == (3,)
             assert batch["pid"].shape == (3,)
     assert per_rank == [5] * world
@@ -255,7 +257,7 @@ def test_resume_continues_on_the_same_batches(shard_dir, encoder, workers, start
     resumed = _take(cfg, encoder, start=start, workers=workers)
     assert len(fresh) == 7 and len(resumed) == 7 - start
     for i, (a, b) in enumerate(zip(fresh[start:], resumed)):
-        for key in ("pid", "text", "eot", "image"):
+        for key in ("pid", "text", "eot", "image", "erase"):
             assert torch.equal(a[key], b[key]), f"batch {start + i}: {key} differs after resuming at {start}"
 
 
@@ -317,8 +319,8 @@ def test_one_epoch_takes_nearly_every_pair_with_uneven_shards(shard_dir, encoder
 def test_train_pairs_keep_image_caption_and_pid_together(shard_dir, encoder):
     samples = _tar_samples(shard_dir, "train")
     by_image = {}
-    for image, pid, key, captions in EvalImages(shard_dir, "train", IMAGE_SIZE, 0, 1):
-        by_image[image.numpy().tobytes()] = (key, pid)
+    for sample in EvalImages(shard_dir, "train", IMAGE_SIZE, 0, 1):
+        by_image[sample.image.numpy().tobytes()] = (sample.key, sample.label)
     assert len(by_image) == 16
     cfg = _stream(shard_dir, micro=4, batches=4, augment=False)
     for batch in _take(cfg, encoder):
@@ -331,14 +333,15 @@ def test_train_pairs_keep_image_caption_and_pid_together(shard_dir, encoder):
 
 def test_augmented_images_are_normalised_crops(shard_dir, encoder):
     def erased(batches):  # random erasing sets a block to 0 (CLIP's mean colour after normalisation)
-        return sum(bool((img == 0).all(dim=0).any()) for b in batches for img in b["image"])
+        return sum(bool((img == 0).all(dim=0).any()) for b in batches for img in normalize(b["image"], b["erase"]))
 
     always = _take(_stream(shard_dir, micro=4, batches=2, augment=True, erasing_p=1.0), encoder)
     never = _take(_stream(shard_dir, micro=4, batches=2, augment=True, erasing_p=0.0), encoder)
     plain = _take(_stream(shard_dir, micro=4, batches=2, augment=False), encoder)
     for batch in always + never + plain:
-        assert batch["image"].shape == (4, 3, *IMAGE_SIZE) and torch.isfinite(batch["image"]).all()
+        assert batch["image"].shape == (4, 3, *IMAGE_SIZE) and batch["image"].dtype == torch.uint8
     assert erased(always) >= 6 and erased(never) == 0
+    assert all((b["erase"] == 0).all() for b in never + plain)
     # augmentation (flip, pad-and-crop) changes the pixels of the same pairs
     assert _pairs(never) == _pairs(plain)
     assert not all(torch.equal(a["image"], b["image"]) for a, b in zip(never, plain))
@@ -352,11 +355,12 @@ def test_eval_images_cover_the_split_exactly_once(shard_dir, world):
     samples = _tar_samples(shard_dir, "test")
     keys = []
     for rank in range(world):
-        for image, pid, key, captions in EvalImages(shard_dir, "test", IMAGE_SIZE, rank, world):
-            assert image.shape == (3, *IMAGE_SIZE)
-            assert pid == samples[key]["pid"] and captions == samples[key]["captions"]["en"]
-            keys.append(key)
-    assert sorted(keys) == sorted(samples) and len(keys) == len(set(keys)) == 6
+        for sample in EvalImages(shard_dir, "test", IMAGE_SIZE, rank, world):
+            assert sample.image.shape == (3, *IMAGE_SIZE) and sample.image.dtype == torch.uint8
+            assert sample.label == samples[sample.key]["pid"] and sample.captions == samples[sample.key]["captions"]
+            keys.append((sample.index, sample.key))
+    # every sample once, with its index in the split (shard by shard, in the manifest's order)
+    assert [key for _, key in sorted(keys)] == list(samples) and sorted(i for i, _ in keys) == list(range(6))
 
 
 def test_eval_loader_with_workers_covers_the_split_exactly_once(shard_dir):
@@ -367,6 +371,34 @@ def test_eval_loader_with_workers_covers_the_split_exactly_once(shard_dir):
             assert batch["image"].shape[1:] == (3, *IMAGE_SIZE)
             assert len(batch["key"]) == len(batch["pid"]) == len(batch["captions"]) == batch["image"].shape[0]
             for key, pid, captions in zip(batch["key"], batch["pid"].tolist(), batch["captions"]):
-                assert pid == samples[key]["pid"] and captions == samples[key]["captions"]["en"]
+                assert pid == samples[key]["pid"] and captions == samples[key]["captions"]
             keys.extend(batch["key"])
     assert sorted(keys) == sorted(samples) and len(keys) == 6
+
+
+def test_each_eval_shard_is_read_by_one_worker_of_one_rank(shard_dir, monkeypatch):
+    """Readers take whole shards (every worker of every rank reading every shard's bytes would multiply the I/O)."""
+    import dsmoe.data.pipeline as pipeline
+
+    opened: dict[str, list] = {}
+    real_shard_samples = pipeline.shard_samples
+
+    def counting(path, *args, **kwargs):
+        opened.setdefault(Path(str(path)).name, []).append(reader)
+        return real_shard_samples(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "shard_samples", counting)
+    shards = read_split(shard_dir, "train").shards
+    for world, workers in ((1, 1), (2, 1), (2, 2), (3, 2)):
+        opened.clear()
+        indices = []
+        for rank in range(world):
+            for worker in range(workers):
+                reader = (rank, worker)
+                monkeypatch.setattr(pipeline, "_slot", lambda w=worker: (w, workers))
+                indices += [s.index for s in EvalImages(shard_dir, "train", IMAGE_SIZE, rank, world)]
+        assert sorted(indices) == list(range(16)), (world, workers)
+        assert sorted(opened) == sorted(Path(str(s)).name for s in shards)
+        assert all(len(readers) == 1 for readers in opened.values()), opened
+        if world * workers <= len(shards):  # as many busy readers as there can be
+            assert len({r for readers in opened.values() for r in readers}) == world * workers

@@ -29,7 +29,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 from dsmoe.data.faults import SampleError, SampleFault
 from dsmoe.shards.format import SOURCE_LANGUAGE, frame_member, read_split, sample_label
 from dsmoe.data.text import CaptionEncoder
-from dsmoe.data.transforms import decode_rgb, eval_transform, train_transform
+from dsmoe.data.transforms import NO_ERASE, decode_rgb, eval_transform, train_transform
 
 def sample_content(sample: dict, need_media: bool) -> tuple[dict, bytes | list[bytes] | None]:
     """(parsed json, image bytes or a video's frame bytes) of a raw tar sample; ``SampleError`` says what is wrong."""
@@ -57,7 +57,7 @@ def sample_content(sample: dict, need_media: bool) -> tuple[dict, bytes | list[b
 
 
 def _decode(media: bytes | list[bytes], transform) -> torch.Tensor:
-    """[3, H, W] for an image, [N, 3, H, W] for a video's frames (the same transform for every frame)."""
+    """uint8 [3, H, W] for an image, [N, 3, H, W] for a video's frames (the same transform for every frame)."""
     if isinstance(media, list):
         return torch.stack([transform(decode_rgb(frame)) for frame in media])
     return transform(decode_rgb(media))
@@ -262,44 +262,50 @@ class TrainStream(IterableDataset):
             batch["faults"], self.faults = self.faults, []
             yield batch
 
-    def _take(self, pairs: Iterator[Pair], decode: bool) -> tuple[list[Pair], list[torch.Tensor]]:
-        """The next micro-batch of usable pairs (and their decoded images): a pair whose image does not decode is
-        replaced by the next one, as are pairs of samples already known to be unusable."""
-        taken, images = [], []
+    def _take(self, pairs: Iterator[Pair], decode: bool) -> tuple[list[Pair], list[torch.Tensor], list[tuple]]:
+        """The next micro-batch of usable pairs (their decoded uint8 images and erase boxes): a pair whose image does
+        not decode is replaced by the next one, as are pairs of samples already known to be unusable."""
+        taken, images, boxes = [], [], []
         while len(taken) < self.cfg.micro_batch:
             pair = next(pairs)
             if pair.key in self.known_bad:  # found undecodable earlier in this batch or a recent one
                 continue
             if decode:
                 try:
-                    images.append(_decode(pair.media, self._transform(pair)))
+                    image, box = self._decode_pair(pair)
                 except Exception as exc:  # noqa: BLE001 - PIL raises many types for undecodable images
                     self.known_bad.add(pair.key)
                     self.faults.append(SampleFault(pair.shard, pair.position,
                                                    f"image does not decode ({type(exc).__name__}: {exc})", pair.key))
                     continue
+                images.append(image)
+                boxes.append(box)
             taken.append(pair)
-        return taken, images
+        return taken, images, boxes
 
-    def _transform(self, pair: Pair):
+    def _decode_pair(self, pair: Pair) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         cfg = self.cfg
         if not cfg.augment:
-            return lambda img: eval_transform(img, cfg.image_size)
+            return _decode(pair.media, lambda img: eval_transform(img, cfg.image_size)), NO_ERASE
         state = _rng(cfg.seed, self.epoch, pair.key, pair.c, "image").getstate()
+        boxes = []
 
         def transform(img):  # every frame of a video gets the same augmentation
             rng = random.Random()
             rng.setstate(state)
-            return train_transform(img, cfg.image_size, rng, erasing_p=cfg.erasing_p)
-        return transform
+            image, box = train_transform(img, cfg.image_size, rng, erasing_p=cfg.erasing_p)
+            boxes.append(box)
+            return image
+        return _decode(pair.media, transform), boxes[0]
 
-    def _collate(self, pairs: list[Pair], images: list[torch.Tensor]) -> dict:
+    def _collate(self, pairs: list[Pair], images: list[torch.Tensor], boxes: list[tuple]) -> dict:
         cfg = self.cfg
         batch = self.texts.collate([(p.key, p.c, p.payload) for p in pairs],
                                    lambda key, c: _rng(cfg.seed, self.epoch, key, c, "text"))
         batch["pid"] = torch.tensor([p.label for p in pairs])
         if cfg.load_images:
-            batch["image"] = torch.stack(images)
+            batch["image"] = torch.stack(images)  # uint8: normalised on the device (transforms.normalize)
+            batch["erase"] = torch.tensor(boxes, dtype=torch.long)
         return batch
 
 
@@ -329,53 +335,61 @@ def train_loader(cfg: TrainStreamConfig, texts, epoch: int, start_batch: int, wo
 # evaluation
 
 
-class EvalImages(IterableDataset):
-    """This rank's share of a split (sample i goes to rank i % world): (image, pid, key, captions) items, and a
-    ``SampleFault`` item for each unusable sample of that share."""
+class EvalSample(NamedTuple):
+    index: int  # the sample's position in the split (shard by shard), the order metrics see
+    image: torch.Tensor  # uint8 [3, H, W] (or a video's frames [N, 3, H, W])
+    label: int
+    key: str
+    captions: dict[str, list[str]]  # language -> captions
 
-    def __init__(self, shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int,
-                 language: str = SOURCE_LANGUAGE):
+
+class EvalImages(IterableDataset):
+    """This reader's share of a split, whole shards at a time: shard k goes to rank k % world, and within the rank
+    to loader worker (k // world) % workers, so every shard is read once. Yields an ``EvalSample`` for each usable
+    sample and a ``SampleFault`` for each other."""
+
+    def __init__(self, shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int):
         super().__init__()
         self.info = read_split(shard_dir, split)
-        self.image_size, self.rank, self.world_size, self.language = image_size, rank, world_size, language
+        self.image_size, self.rank, self.world_size = image_size, rank, world_size
 
     def __iter__(self):
         worker, workers = _slot()
         base = 0
-        for path, expected in zip(self.info.shards, self.info.shard_samples):
-            def owns(position: int, base: int = base) -> bool:
-                index = base + position
-                return index % self.world_size == self.rank and (index // self.world_size) % workers == worker
-
-            faults: list[SampleFault] = []
-            for position, sample in shard_samples(path, expected, faults, owns):
-                yield from faults
-                faults.clear()
-                if not owns(position):
-                    continue
-                try:
-                    meta, media = sample_content(sample, need_media=True)
-                    image = _decode(media, lambda img: eval_transform(img, self.image_size))
-                except Exception as exc:  # noqa: BLE001 - SampleError, or PIL's many types for undecodable images
-                    reason = str(exc) if isinstance(exc, SampleError) else \
-                        f"image does not decode ({type(exc).__name__}: {exc})"
-                    yield SampleFault(sample["__shard__"], position, reason, sample["__key__"])
-                    continue
-                yield image, sample_label(meta), sample["__key__"], list(meta["captions"].get(self.language, []))
-            yield from faults
+        for k, (path, expected) in enumerate(zip(self.info.shards, self.info.shard_samples)):
+            if k % self.world_size == self.rank and (k // self.world_size) % workers == worker:
+                yield from self._shard(path, expected, base)
             base += expected
+
+    def _shard(self, path, expected: int, base: int):
+        faults: list[SampleFault] = []
+        for position, sample in shard_samples(path, expected, faults):
+            yield from faults
+            faults.clear()
+            try:
+                meta, media = sample_content(sample, need_media=True)
+                image = _decode(media, lambda img: eval_transform(img, self.image_size))
+            except Exception as exc:  # noqa: BLE001 - SampleError, or PIL's many types for undecodable images
+                reason = str(exc) if isinstance(exc, SampleError) else \
+                    f"image does not decode ({type(exc).__name__}: {exc})"
+                yield SampleFault(sample["__shard__"], position, reason, sample["__key__"])
+                continue
+            captions = {lang: list(texts) for lang, texts in meta["captions"].items()}
+            yield EvalSample(base + position, image, sample_label(meta), sample["__key__"], captions)
+        yield from faults
 
 
 def _collate_eval(items: list) -> dict:
     faults = [i for i in items if isinstance(i, SampleFault)]
-    items = [i for i in items if not isinstance(i, SampleFault)]
-    images = torch.stack([i[0] for i in items]) if items else None
-    return {"image": images, "pid": torch.tensor([i[1] for i in items], dtype=torch.long),
-            "key": [i[2] for i in items], "captions": [i[3] for i in items], "faults": faults}
+    samples = [i for i in items if not isinstance(i, SampleFault)]
+    images = torch.stack([s.image for s in samples]) if samples else None
+    return {"image": images, "index": torch.tensor([s.index for s in samples], dtype=torch.long),
+            "pid": torch.tensor([s.label for s in samples], dtype=torch.long), "key": [s.key for s in samples],
+            "captions": [s.captions for s in samples], "faults": faults}
 
 
 def eval_loader(shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int,
-                batch_size: int, workers: int, language: str = SOURCE_LANGUAGE) -> DataLoader:
-    dataset = EvalImages(shard_dir, split, image_size, rank, world_size, language)
+                batch_size: int, workers: int) -> DataLoader:
+    dataset = EvalImages(shard_dir, split, image_size, rank, world_size)
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_eval,
                       worker_init_fn=ignore_job_signals)

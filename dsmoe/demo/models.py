@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertConfig, BertModel, BertTokenizerFast, CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
-from dsmoe.data.transforms import eval_transform
+from dsmoe.data.transforms import eval_transform, normalize
 from dsmoe.demo.people import Identity, make_identities, render_person
 from dsmoe.losses import symmetric_info_nce
 
@@ -51,7 +51,7 @@ def pretrain_clip(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, steps: i
         for _ in range(4):
             images.append(eval_transform(render_person(person, rng, noise, (64, 32)), (size, size)))
             shown.append(person)
-    images = torch.stack(images)
+    images = normalize(torch.stack(images))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     model.train()
     for _ in range(steps):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from dsmoe.backbones.clip import FrozenCLIP, TrainableCLIP, load_clip
 from dsmoe.config import RunConfig
@@ -14,7 +13,7 @@ from dsmoe.losses import discriminator_loss, fool_discriminator
 from dsmoe.methods.base import Method
 from dsmoe.methods.dasd.config import DASDConfig
 from dsmoe.methods.dasd.model import DASD, Discriminator, EnglishCLIP, load_embedding_table, mismatched
-from dsmoe.metrics import recall_metrics
+from dsmoe.metrics import recall_metrics_from_features
 from dsmoe.shards.format import SOURCE_LANGUAGE
 
 
@@ -101,10 +100,9 @@ class DASDMethod(Method):
 
 def recall_report(evaluator, split: str, language: str, encode, text_forward) -> dict:
     """recall_metrics of one language's captions against the split's images (features from ``evaluator``)."""
-    image, image_ids, text, text_image_ids = evaluator.features(split, language, encode, text_forward)
-    similarity = F.normalize(text, dim=-1) @ F.normalize(image, dim=-1).t()
-    return {**recall_metrics(similarity, text_image_ids, image_ids), "images": int(image.shape[0]),
-            "captions": int(text.shape[0])}
+    f = evaluator.features(split, language, encode, text_forward)
+    metrics = recall_metrics_from_features(f.texts, f.text_labels, f.images, f.image_labels, **evaluator.sharing)
+    return {**metrics, "images": int(f.images.shape[0]), "captions": int(f.texts.shape[0])}
 
 
 class EnglishFinetuneMethod(Method):

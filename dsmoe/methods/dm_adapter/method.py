@@ -6,7 +6,6 @@ Loss: SDM + lb_weight * sum over layers of the load-balancing loss.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.backbones.clip import FrozenCLIP, load_clip
@@ -16,7 +15,7 @@ from dsmoe.data.text import CaptionEncoder, load_tokenizer
 from dsmoe.losses import sdm_loss
 from dsmoe.methods.base import Method
 from dsmoe.methods.dm_adapter.config import DMAdapterConfig
-from dsmoe.metrics import rank_metrics
+from dsmoe.metrics import rank_metrics_from_features
 from dsmoe.moe.adapter import AdapterBranch
 from dsmoe.shards.format import SOURCE_LANGUAGE
 
@@ -98,8 +97,6 @@ class DMAdapterMethod(Method):
             encoded = self.captions.encode(captions)
             return {"text": encoded.ids, "eot": encoded.eot}
 
-        image, image_pids, text, text_pids = evaluator.features(
-            split, SOURCE_LANGUAGE, encode, lambda b: model.encode_text(b["text"], b["eot"]))
-        similarity = F.normalize(text, dim=-1) @ F.normalize(image, dim=-1).t()
-        metrics = rank_metrics(similarity, text_pids, image_pids)
-        return {**metrics, "images": int(image.shape[0]), "captions": int(text.shape[0])}
+        f = evaluator.features(split, SOURCE_LANGUAGE, encode, lambda b: model.encode_text(b["text"], b["eot"]))
+        metrics = rank_metrics_from_features(f.texts, f.text_labels, f.images, f.image_labels, **evaluator.sharing)
+        return {**metrics, "images": int(f.images.shape[0]), "captions": int(f.texts.shape[0])}
