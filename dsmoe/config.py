@@ -137,6 +137,9 @@ class TrainConfig:
     collective_timeout: float = positive(600.0)
     """Seconds a collective may wait for the other ranks before the run fails (a hung rank); a failed rank ends
     the others within seconds whatever this is."""
+    threads_per_rank: int | None = at_least(1, None)
+    """Intra-op CPU threads of each rank; unset: ``OMP_NUM_THREADS`` if set, else the host's cores shared by the
+    ranks on it (``dsmoe.launcher.thread_budget``). DataLoader workers use one thread each."""
 
 
 @dataclass

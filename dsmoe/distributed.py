@@ -9,14 +9,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dsmoe.launcher import free_port, map_slurm_env
+from dsmoe.launcher import free_port, map_slurm_env, thread_budget
 
 
-def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
+def init_distributed(timeout_s: float = 600.0, threads: int | None = None) -> tuple[int, int, int]:
     """Start the process group (gloo on CPU, nccl on GPUs) and return (rank, world_size, local_rank).
 
     Every collective, in the default group and in the groups DeepSpeed creates later (expert and data parallel),
-    fails after ``timeout_s`` seconds instead of torch's defaults (30 min gloo, 10 min NCCL).
+    fails after ``timeout_s`` seconds instead of torch's defaults (30 min gloo, 10 min NCCL). The rank's intra-op
+    threads follow ``thread_budget(threads)`` (``train.threads_per_rank``); on a CPU, subnormal floats are
+    flushed to zero (values below 1.2e-38 in fp32).
     """
     import deepspeed
     from torch.distributed import distributed_c10d
@@ -34,6 +36,9 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
                 f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one rank per GPU (deepspeed --num_gpus "
                 f"or --include, one Slurm task per GPU)")
         torch.cuda.set_device(local_rank)
+    else:  # Adam's second moments of tiny gradients go subnormal, and x86 CPUs are ~4x slower on subnormals
+        torch.set_flush_denormal(True)
+    torch.set_num_threads(thread_budget(threads)[0])
     timeout = timedelta(seconds=timeout_s)
     # new_group() without a timeout takes these module defaults, not the default group's timeout
     distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from dsmoe.evaluation import evaluate_checkpoint
     from dsmoe.faults import FaultWatch
 
-    rank, world_size, local_rank = distributed.init_distributed(cfg.train.collective_timeout)
+    rank, world_size, local_rank = distributed.init_distributed(cfg.train.collective_timeout,
+                                                                cfg.train.threads_per_rank)
     watch = FaultWatch(rank, world_size)
     try:
         metrics = evaluate_checkpoint(cfg, args.checkpoint, args.split or cfg.data.test_split, local_rank)

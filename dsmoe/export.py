@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from dsmoe.faults import FaultWatch
     from dsmoe.portable import save_portable
 
-    distributed.init_distributed(cfg.train.collective_timeout)
+    distributed.init_distributed(cfg.train.collective_timeout, cfg.train.threads_per_rank)
     watch = FaultWatch(0, 1)
     try:
         _, engine, source = build_inference_engine(cfg, args.checkpoint, ep_size=1)

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     from dsmoe import distributed
     from dsmoe.faults import FaultWatch
 
-    rank, world_size, local_rank = distributed.init_distributed(stages[0][0].train.collective_timeout)
+    rank, world_size, local_rank = distributed.init_distributed(stages[0][0].train.collective_timeout,
+                                                                stages[0][0].train.threads_per_rank)
     assert world_size == launched_world_size(), "the process group disagrees with the launcher's WORLD_SIZE"
     watch = FaultWatch(rank, world_size)
     try:

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import yaml
 
@@ -171,7 +172,8 @@ class Trainer:
         cfg, prog = self.cfg, self.progress
         self.log.info(f"trainable parameters: {self.trainable_count:,}; {self.steps_per_epoch} steps per epoch; "
                       f"world size {self.world_size}, ep_size {cfg.adapter.ep_size}, ds config zero stage "
-                      f"{self.ds_config.get('zero_optimization', {}).get('stage', 0)}, dtype {self.dtype}")
+                      f"{self.ds_config.get('zero_optimization', {}).get('stage', 0)}, dtype {self.dtype}, "
+                      f"{torch.get_num_threads()} CPU threads per rank")
         if cfg.train.eval_zero_shot and prog.zero_shot is None:
             prog.zero_shot = self.evaluate(cfg.data.test_split)
             self.log.metrics({"event": "zero_shot", "split": cfg.data.test_split, **prog.zero_shot})

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rank, world, local_rank = distributed.init_distributed(cfg.train.collective_timeout)
+    rank, world, local_rank = distributed.init_distributed(cfg.train.collective_timeout, cfg.train.threads_per_rank)
     device = device_for(local_rank)
     torch.manual_seed(cfg.train.seed)
     clip = random_vit_b16_clip() if args.clip == RANDOM_VIT_B16 else load_clip(args.clip)
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             "clip": args.clip, "image_size": list(cfg.model.image_size), "text_length": cfg.model.text_length,
             "experts": cfg.adapter.num_experts, "top_k": cfg.adapter.top_k, "batch_per_rank": args.batch,
             "trainable_params_rank0": built.trainable_parameters,
+            "threads_per_rank": torch.get_num_threads(),
             "steps": args.steps, "step_s_median": round(step_s, 4), "step_s_max": round(max(times), 4),
             "pairs_per_s": round(args.batch * world / step_s, 2), **peak_memory(device)}), flush=True)
     distributed.shutdown()
