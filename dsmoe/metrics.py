@@ -175,15 +175,21 @@ def _person_block(scores: torch.Tensor, query_pids: torch.Tensor, gallery_pids: 
     return torch.cat([_hits(rank1[:, 0] - 1), ap.sum()[None], inp.sum()[None]])
 
 
-def _rank_of_best(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each row's best-ranked positive (rows without one: a rank past every K)."""
-    scores = _rank_dtype(scores)
-    masked = torch.where(positive, scores, float("-inf"))
-    best = masked.max(dim=1, keepdim=True).values
-    first = (positive & (scores == best)).int().argmax(dim=1, keepdim=True)  # the lowest index among equals
+def _rank_of_best(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each row's best-ranked positive; ``positives`` [rows, P] holds the columns of each row's
+    positives (-1: none; a row without any gets a rank past every K). ``scores`` may be a strided view."""
+    scores = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+    valid = positives >= 0
+    positive_scores = torch.where(valid, scores.gather(1, positives.clamp(min=0)), float("-inf"))
+    best = positive_scores.max(dim=1, keepdim=True).values
+    first = torch.where(valid & (positive_scores == best), positives, scores.shape[1]).min(dim=1, keepdim=True).values
+    at_or_above = (scores >= best).sum(dim=1, dtype=torch.int32)
+    same = (scores == best).sum(dim=1, dtype=torch.int32)  # the best positive itself, and any exact tie
+    rank0 = (at_or_above - same).long()
+    tied = (same > 1).nonzero().flatten()  # rare: count the tied items with a lower index
     columns = torch.arange(scores.shape[1], device=scores.device)[None, :]
-    rank0 = (scores > best).sum(dim=1) + ((scores == best) & (columns < first)).sum(dim=1)
-    return torch.where(positive.any(dim=1), rank0, torch.iinfo(torch.int64).max)
+    rank0[tied] += ((scores[tied] == best[tied]) & (columns < first[tied])).sum(dim=1)
+    return torch.where(valid.any(dim=1), rank0, torch.iinfo(torch.int64).max)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,22 +224,33 @@ def _person_sums(blocks: Blocks, query_pids: torch.Tensor, gallery_pids: torch.T
     return result
 
 
+def _positives_of_each(text_image_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([T, 1] the column of each caption's image, [I, P] the captions of each image, -1 padded)."""
+    order = torch.argsort(image_ids)
+    text_cols = order[torch.searchsorted(image_ids[order], text_image_ids)]
+    by_image = torch.argsort(text_cols, stable=True)
+    counts = torch.bincount(text_cols, minlength=len(image_ids))
+    first_of_image = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(text_cols), device=text_cols.device) - first_of_image[text_cols[by_image]]
+    image_texts = torch.full((len(image_ids), max(1, int(counts.max()))), -1, dtype=torch.long,
+                             device=text_cols.device)
+    image_texts[text_cols[by_image], slot] = by_image
+    return text_cols[:, None], image_texts
+
+
 def _recall_sums(t2i_blocks: Blocks, i2t_blocks: Blocks, text_image_ids: torch.Tensor, image_ids: torch.Tensor,
                  chunk_size: int, part: tuple[int, int], reduce: Reduce | None,
                  device: torch.device) -> dict[str, float]:
     num_texts, num_images = len(text_image_ids), len(image_ids)
-
-    def t2i(start: int, stop: int) -> torch.Tensor:
-        return _hits(_rank_of_best(t2i_blocks(start, stop), image_ids[None, :] == text_image_ids[start:stop, None]))
-
-    def i2t(start: int, stop: int) -> torch.Tensor:
-        return _hits(_rank_of_best(i2t_blocks(start, stop), text_image_ids[None, :] == image_ids[start:stop, None]))
-
-    sums = torch.cat([_sum_blocks(num_texts, num_images, chunk_size, part, len(_KS), t2i, device),
-                      _sum_blocks(num_images, num_texts, chunk_size, part, len(_KS), i2t, device)])
+    text_cols, image_texts = _positives_of_each(text_image_ids, image_ids)
+    sums = torch.cat([
+        _sum_blocks(num_texts, num_images, chunk_size, part, len(_KS),
+                    lambda s, e: _hits(_rank_of_best(t2i_blocks(s, e), text_cols[s:e])), device),
+        _sum_blocks(num_images, num_texts, chunk_size, part, len(_KS),
+                    lambda s, e: _hits(_rank_of_best(i2t_blocks(s, e), image_texts[s:e])), device)])
     if reduce is not None:
         sums = reduce(sums)
-    captioned = int(torch.isin(image_ids, text_image_ids).sum())  # images without a caption are only distractors
+    captioned = int((image_texts[:, 0] >= 0).sum())  # images without a caption are only distractors
     result = {f"t2i_R{k}": float(sums[i]) * 100.0 / num_texts for i, k in enumerate(_KS)}
     result.update({f"i2t_R{k}": float(sums[len(_KS) + i]) * 100.0 / captioned for i, k in enumerate(_KS)})
     result["AR"] = sum(result.values()) / 6.0
