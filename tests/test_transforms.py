@@ -61,6 +61,19 @@ def test_batch_normalisation_equals_the_per_image_pipeline_bit_for_bit(erasing_p
     assert a.random() == b.random()
 
 
+@pytest.mark.parametrize("size", [(4, 3), (24, 12), (7, 40)])
+def test_crops_of_any_size_equal_padding_then_cropping(size):
+    for seed in range(40):  # flips, and windows reaching into every side of the padding
+        img = _image(seed).resize((size[1], size[0]), Image.BICUBIC)
+        a, b = random.Random(seed), random.Random(seed)
+        image, _ = train_transform(img, size, a, erasing_p=0.0)
+        flipped = img.transpose(Image.FLIP_LEFT_RIGHT) if b.random() < 0.5 else img
+        arr = np.pad(np.asarray(flipped), ((10, 10), (10, 10), (0, 0)))
+        top, left = b.randint(0, 20), b.randint(0, 20)
+        expected = torch.from_numpy(arr[top:top + size[0], left:left + size[1]].copy()).permute(2, 0, 1)
+        assert torch.equal(image, expected), (size, seed)
+
+
 def test_eval_images_and_video_frames_normalise_alike():
     frame = eval_transform(_image(3), SIZE)
     video = torch.stack([frame, frame])[None]  # [B=1, N=2, 3, H, W]

@@ -138,7 +138,9 @@ def _tiny_clip(work: Path) -> Path:
     out = work / "demo-size-clip"
     if not (out / "config.json").exists():
         from transformers import CLIPConfig, CLIPModel
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()  # keep the table readable
         CLIPModel(CLIPConfig(
             text_config={"vocab_size": 1000, "bos_token_id": 998, "eos_token_id": 999, "hidden_size": 64,
                          "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -21,7 +21,8 @@ NO_ERASE = (0, 0, 0, 0)  # an erase box (top, left, height, width) that erases n
 
 def decode_rgb(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
+        img.load()
+        return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _to_uint8_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -39,12 +40,20 @@ def train_transform(img: Image.Image, size: tuple[int, int], rng: random.Random,
     """Resize, horizontal flip, pad + random crop to a uint8 tensor [3, H, W], and the random-erasing box
     (top, left, height, width; scale 0.02-0.4) that ``normalize`` erases, to CLIP's mean colour."""
     height, width = size
-    img = img.resize((width, height), Image.BICUBIC)
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.BICUBIC)
+    arr = np.asarray(img)  # [H, W, 3], read-only
     if rng.random() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    arr = np.pad(np.asarray(img), ((pad, pad), (pad, pad), (0, 0)))
+        arr = arr[:, ::-1]
     top, left = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
-    image = _to_uint8_tensor(arr[top:top + height, left:left + width])
+    # the window [top, top + H) x [left, left + W) of the image padded by ``pad`` zeros, copied once, channels first
+    image = torch.zeros(3, height, width, dtype=torch.uint8)
+    rows = slice(max(top, pad), min(top + height, pad + height))
+    cols = slice(max(left, pad), min(left + width, pad + width))
+    if rows.start < rows.stop and cols.start < cols.stop:  # else the window holds padding only (tiny images)
+        window = arr[rows.start - pad:rows.stop - pad, cols.start - pad:cols.stop - pad]
+        image[:, rows.start - top:rows.stop - top, cols.start - left:cols.stop - left] = \
+            torch.from_numpy(np.ascontiguousarray(window.transpose(2, 0, 1)))
     box = _erase_box(height, width, rng) if rng.random() < erasing_p else NO_ERASE
     return image, box
 
@@ -64,9 +73,9 @@ def normalize(images: torch.Tensor, boxes: torch.Tensor | None = None, *, device
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 images [B, 3, H, W] (or videos [B, N, 3, H, W]) -> CLIP-normalised ``dtype`` on ``device``, each
     image's erase box (``boxes`` [B, 4]: top, left, height, width) set to 0, CLIP's mean colour."""
-    x = images.to(device, non_blocking=True).float().div_(255.0)
+    x = images.to(device, non_blocking=True).float().div_(255.0)  # in place: one batch-sized allocation
     shape = (3, 1, 1)
-    x = (x - torch.tensor(CLIP_MEAN, device=x.device).view(shape)) / torch.tensor(CLIP_STD, device=x.device).view(shape)
+    x.sub_(torch.tensor(CLIP_MEAN, device=x.device).view(shape)).div_(torch.tensor(CLIP_STD, device=x.device).view(shape))
     if boxes is not None:
         for b, (top, left, h, w) in enumerate(boxes.tolist()):
             if h and w:
