@@ -75,7 +75,14 @@ def check_checkpoint(path: str | Path) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"adapters file not found: {path}")
         return
-    resolve_checkpoint(path)
+    try:
+        resolve_checkpoint(path)
+    except FileNotFoundError as exc:
+        runs = sorted(p for p in path.glob("*/checkpoints") if complete_tag(p) is not None) if path.is_dir() else []
+        if runs:  # a method's stages (DASD: cla/, cma/) under one folder
+            raise FileNotFoundError(f"{exc}; it holds the runs {', '.join(p.parent.name for p in runs)}: name "
+                                    f"one, such as --checkpoint {runs[-1].parent}") from None
+        raise
 
 
 def _write(path: Path, text: str) -> None:

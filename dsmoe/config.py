@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from dsmoe import methods
-from dsmoe.schema import ConfigError, at_least, from_dict, positive, ranged, share
+from dsmoe.schema import ConfigError, at_least, from_dict, location, locations, looks_local, positive, ranged, share
 
 DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "dm_adapter" / "demo.yaml"
 
@@ -33,9 +33,9 @@ MOVED_KEYS = {
 
 @dataclass
 class ModelConfig:
-    clip: str = "openai/clip-vit-base-patch16"
+    clip: str = location("openai/clip-vit-base-patch16", "model")
     """Hugging Face hub id or local directory of a transformers ``CLIPModel``."""
-    tokenizer: str | None = None
+    tokenizer: str | None = location(None, "model")
     """Tokenizer hub id or directory; defaults to ``clip``."""
     image_size: tuple[int, int] = at_least(1, (384, 128))
     """Input (height, width); the position embedding is resized bilinearly to this grid."""
@@ -60,10 +60,10 @@ class AdapterConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = ""
+    shards: str = location("", "path")
     """Directory written by the shard converter (``python -m dsmoe.shards``): {split}-NNNNNN.tar +
     {split}.manifest.json."""
-    eval_shards: str | None = None
+    eval_shards: str | None = location(None, "path")
     """Shards the validation and test splits come from when they differ from ``shards`` (DASD zero-shot: train
     on generic pairs, test on Multi30K / COCO); null: ``shards``."""
     train_split: str = "train"
@@ -122,8 +122,8 @@ class TrainConfig:
     """Fills ``bf16.enabled: "auto"`` in the DeepSpeed JSON: auto = bf16 on GPUs that support it (Ampere and
     newer), fp32 elsewhere (CPUs included)."""
     seed: int = 1
-    output_dir: str = "runs/dm_adapter"
-    init_from: str | None = None
+    output_dir: str = location("runs/dm_adapter", "path")
+    init_from: str | None = location(None, "path")
     """Trainable weights to start from (a ``.safetensors`` file of ``python -m dsmoe.export``, or a run or
     checkpoint directory) at any ep_size and world size; the optimiser starts fresh. ``--init-from`` sets it."""
     eval_every: int = at_least(1, 1)
@@ -150,13 +150,18 @@ class WandbConfig:
     name: str | None = None
 
 
+def _inside(path: str, folder: str) -> bool:
+    resolved, root = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
+    return resolved == root or root in resolved.parents
+
+
 @dataclass
 class RunConfig:
     method: str = "dm_adapter"
     """The method trained (``dsmoe.methods``); its settings are the YAML section of the same name."""
     demo: bool = False
     """Create the synthetic dataset, its shards and a tiny CLIP under ``demo_dir`` when missing."""
-    demo_dir: str = ".cache/dsmoe-demo"
+    demo_dir: str = location(".cache/dsmoe-demo", "path")
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -184,6 +189,11 @@ class RunConfig:
                 raise ConfigError(f"adapter.ep_size={a.ep_size} must divide adapter.num_experts={a.num_experts}")
         if not self.data.shards and not self.demo:
             raise ConfigError("data.shards is empty: point it at a directory written by python -m dsmoe.shards")
+        if self.demo and self.data.shards and not _inside(self.data.shards, self.demo_dir):
+            raise ConfigError(
+                f"data.shards={self.data.shards} with the demo recipe (demo: true builds synthetic shards under "
+                f"demo_dir={self.demo_dir}): to train on your shards pass --config with a recipe (such as "
+                f"dsmoe/configs/dm_adapter/cuhk_pedes.yaml), or --set demo=false to keep the demo's settings")
 
     def check_world(self, world_size: int) -> None:
         """Checks that depend on how many ranks were launched."""
@@ -198,6 +208,29 @@ class RunConfig:
     def micro_batch(self, world_size: int) -> int:
         return self.train.batch_size // (world_size * self.train.grad_accum)
 
+    def make_paths_absolute(self) -> None:
+        """Local paths (shards, folders, local models) as absolute paths, so that a run's files work from any
+        directory; hub ids and URLs stay as they are."""
+        for section in (self, *(getattr(self, f.name) for f in dataclasses.fields(self)
+                                if dataclasses.is_dataclass(getattr(self, f.name)))):
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                kind = f.metadata.get("location")
+                if not (kind and isinstance(value, str) and value):
+                    continue
+                local = looks_local(value) if kind == "model" else "://" not in value and not value.startswith("pipe:")
+                if local:
+                    setattr(section, f.name, str(Path(value).expanduser().absolute()))
+
+    def check_models(self) -> None:
+        """Every local model or tokenizer folder named by the config exists (before any process starts): a
+        wrong path otherwise surfaces as a traceback about hub ids that never names the key."""
+        for key, kind, value in locations(self) + locations(self.method_config, f"{self.method}."):
+            if kind != "model" or not isinstance(value, str) or not looks_local(value):
+                continue
+            if not Path(value).expanduser().is_dir():
+                raise ConfigError(f"{key}={value}: no such folder (a local model is a folder written by "
+                                  f"save_pretrained; a Hugging Face hub id looks like openai/clip-vit-base-patch16)")
 
     def stage_runs(self) -> list[RunConfig]:
         """The runs this config asks for, in order (several for a method with stages, such as DASD)."""

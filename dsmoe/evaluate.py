@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config, args.set)
         check_checkpoint(args.checkpoint)
+        cfg.check_models()
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

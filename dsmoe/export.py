@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         if launched_world_size() != 1:
             raise ConfigError("run the export in a single process (python -m dsmoe.export)")
         check_checkpoint(args.checkpoint)
+        cfg.check_models()
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,14 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def whole_model_trainable(model: nn.Module, ep_size: int) -> int:
+    """Trainable parameters of the whole model, from one rank: its dense ones, and its share of the experts times
+    the ``ep_size`` ranks that share them (DeepSpeed marks expert parameters ``allreduce = False``)."""
+    from deepspeed.moe.utils import is_moe_param
+
+    return sum(p.numel() * (ep_size if is_moe_param(p) else 1) for p in trainable_parameters(model).values())
+
+
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
     """Two groups: with weight decay at the base lr, and without it at lr x bias_lr_factor. ``optim.no_decay``
     says which parameters go to the second: those named ``*bias*`` (the releases' rule) or every 1-d one."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -54,6 +55,29 @@ def at_least(low: int, default: Any) -> Any:
 def share(default: Any, *, high_open: bool = False) -> Any:
     """A value in [0, 1] (or [0, 1))."""
     return ranged(default, 0, 1, high_open=high_open)
+
+
+def location(default: Any, kind: str) -> Any:
+    """A local path or, for ``kind="model"``, a Hugging Face hub id: written absolute into a run's files (so they
+    work from any directory) and checked before any process starts (``local_locations``)."""
+    return field(default=default, metadata={"location": kind})
+
+
+def looks_local(value: str) -> bool:
+    """A path rather than a hub id (``org/name``) or a URL."""
+    return "://" not in value and (value.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(value)))
+
+
+def locations(section: Any, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted key, kind, value) of every ``location`` field in a config dataclass and its sections."""
+    found = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if "location" in f.metadata:
+            found.append((prefix + f.name, f.metadata["location"], value))
+        elif dataclasses.is_dataclass(value) and f.metadata.get("yaml", True):
+            found.extend(locations(value, f"{prefix}{f.name}."))
+    return found
 
 
 def _type_name(tp: Any) -> str:

@@ -43,6 +43,9 @@ def prepare(args: argparse.Namespace, world_size: int) -> list[tuple[RunConfig, 
     cfg = load_config(args.config, args.set)
     if args.init_from:
         cfg.train.init_from = args.init_from
+    cfg.make_paths_absolute()  # the run's files then work from any directory
+    if not cfg.demo:  # the demo builds its models after this
+        cfg.check_models()
     ds_json = load_ds_config(args.ds_config)
     cfg.check_world(world_size)
     stages = cfg.stage_runs()
@@ -80,12 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     assert world_size == launched_world_size(), "the process group disagrees with the launcher's WORLD_SIZE"
     watch = FaultWatch(rank, world_size)
     try:
-        run(stages, args.resume, rank, world_size, local_rank)
+        code = run(stages, args.resume, rank, world_size, local_rank)
     except BaseException as exc:  # noqa: BLE001 - every failure ends every rank (see dsmoe.faults)
         watch.fail(exc)
     watch.stop()
     distributed.shutdown()
-    return 0
+    return code
 
 
 def finished_results(cfg: RunConfig) -> str | None:
@@ -103,8 +106,9 @@ def finished_results(cfg: RunConfig) -> str | None:
     return format_results(json.loads(results.read_text()), get_method(cfg).report_metrics)
 
 
-def run(stages: list[tuple[RunConfig, dict]], resume: str, rank: int, world_size: int, local_rank: int) -> None:
-    """Train each run in turn (one, or a method's stages), each from its checkpoint, or ``train.init_from``."""
+def run(stages: list[tuple[RunConfig, dict]], resume: str, rank: int, world_size: int, local_rank: int) -> int:
+    """Train each run in turn (one, or a method's stages), each from its checkpoint, or ``train.init_from``; the
+    exit code: 0, or 128 + the signal that stopped the run (a requeue for Slurm is 0)."""
     from dsmoe.trainer import Trainer
 
     for stage, ds_config in stages:
@@ -119,10 +123,12 @@ def run(stages: list[tuple[RunConfig, dict]], resume: str, rank: int, world_size
         trainer.write_run_files()
         if not trainer.resume(None if resume == "none" else resume) and start and not portable:
             trainer.init_from(start)
-        if trainer.train().get("preempted"):
-            return
+        outcome = trainer.train()
+        if outcome.get("preempted"):
+            return outcome.get("exit_code", 0)
     if len(stages) > 1 and rank == 0:
         print(stage_summary([stage for stage, _ in stages]))
+    return 0
 
 
 def stage_summary(stages: list[RunConfig]) -> str:

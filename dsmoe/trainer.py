@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,9 @@ from dsmoe.faults import RunError
 from dsmoe.files import write_atomic
 from dsmoe.methods import get_method
 from dsmoe.methods.base import Method
-from dsmoe.optim import warmup_steps
+from dsmoe.optim import warmup_steps, whole_model_trainable
 from dsmoe.preemption import REQUEUE, STOP, PreemptionWatch
-from dsmoe.run_log import RunLogger
+from dsmoe.run_log import Pace, RunLogger, peak_memory, step_line
 from dsmoe.shards.format import read_split
 
 
@@ -61,12 +62,14 @@ class Trainer:
                                                  self.method.train_languages())
         self.micro_batches_per_epoch = self.steps_per_epoch * cfg.train.grad_accum
         total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.total_steps = min(total_steps, cfg.train.max_steps or total_steps)
         built = build_training_engine(cfg, self.method.build(), ds_config, total_steps,
                                       warmup_steps(cfg.optim, self.steps_per_epoch, total_steps), portable_init)
         self.engine, self.optimizer, self.scheduler = built.engine, built.optimizer, built.scheduler
-        self.trainable_count = built.trainable_parameters
         self.model, self.dtype = built.model, built.dtype
         self.ep_size = expert_parallel_size(cfg)
+        self.trainable_count = whole_model_trainable(self.model, self.ep_size)
+        self.trainable_on_rank = built.trainable_parameters
         self.evaluator = Evaluator(cfg, self.engine, self.device)
         self.progress = Progress()
         self.started_from = portable_init
@@ -117,6 +120,10 @@ class Trainer:
         self.faults.load_state_dict(client.get("bad_samples", []))
         self.log.info(f"resumed from {root / tag}: epoch {self.progress.epoch}, batch {self.progress.batch}, "
                       f"step {self.engine.global_steps}")
+        dropped = self.log.cut_after(self.engine.global_steps)
+        if dropped:
+            self.log.info(f"metrics.jsonl: dropped {dropped} records logged after step {self.engine.global_steps} "
+                          f"by the interrupted run (they are logged again from there)")
         return True
 
     def init_from(self, path: str) -> None:
@@ -170,21 +177,27 @@ class Trainer:
 
     def train(self) -> dict:
         cfg, prog = self.cfg, self.progress
-        self.log.info(f"trainable parameters: {self.trainable_count:,}; {self.steps_per_epoch} steps per epoch; "
+        held = ("" if self.ep_size == 1 else
+                f" (each rank holds {self.trainable_on_rank:,}: 1/{self.ep_size} of the experts)")
+        self.log.info(f"trainable parameters: {self.trainable_count:,}{held}; {self.steps_per_epoch} steps per epoch; "
                       f"world size {self.world_size}, ep_size {cfg.adapter.ep_size}, ds config zero stage "
                       f"{self.ds_config.get('zero_optimization', {}).get('stage', 0)}, dtype {self.dtype}, "
                       f"{torch.get_num_threads()} CPU threads per rank")
         if cfg.train.eval_zero_shot and prog.zero_shot is None:
             prog.zero_shot = self.evaluate(cfg.data.test_split)
-            self.log.metrics({"event": "zero_shot", "split": cfg.data.test_split, **prog.zero_shot})
+            self.log.metrics({"event": "zero_shot", "split": cfg.data.test_split, "step": self.engine.global_steps,
+                              **prog.zero_shot})
         stream = self.stream_config()
         stopped = False
+        total = self.total_steps
+        pace = Pace(cfg.train.batch_size, total)
+        bar = self.log.progress(total=total, initial=self.engine.global_steps, desc="training")
         while prog.epoch < cfg.train.epochs and not stopped:
             loader = train_loader(stream, self.method.train_texts(), prog.epoch, prog.batch, cfg.data.workers,
                                   self.faults.known_bad())
-            bar = self.log.progress(total=self.micro_batches_per_epoch, initial=prog.batch,
-                                    desc=f"epoch {prog.epoch + 1}/{cfg.train.epochs}")
+            waiting = time.perf_counter()
             for batch in loader:
+                arrived = time.perf_counter()
                 self.faults.add(batch.pop("faults"))
                 if "image" in batch:  # uint8 from the reader: normalised (and erased) here, on the device
                     batch["image"] = normalize(batch.pop("image"), batch.pop("erase"), device=self.device,
@@ -194,31 +207,35 @@ class Trainer:
                 self.method.backward(self.engine, out)
                 self.engine.step()
                 prog.batch += 1
-                bar.update(1)
                 step = self.engine.global_steps
                 boundary = prog.batch % cfg.train.grad_accum == 0
+                pace.add(arrived - waiting, time.perf_counter() - arrived, int(boundary))
                 if boundary:
+                    bar.update(1)
                     request, bad_samples = self._agree()
                     self._check_faults(bad_samples, log_now=step % cfg.train.log_every == 0)
                 if boundary and step % cfg.train.log_every == 0:
-                    self._log_step(out, step, bad_samples)
+                    self._log_step(out, step, bad_samples, pace.figures(step), bar)
                 if boundary and cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     self.save(f"step{step:08d}")
                 if boundary and request:
+                    bar.close()
                     return self.stop_for_preemption(request)
                 if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
                     stopped = True
                     break
-            bar.close()
+                waiting = time.perf_counter()  # logging and saving are not waiting for data
             if not stopped:
                 prog.epoch, prog.batch = prog.epoch + 1, 0
                 self._end_of_epoch()
             elif complete_tag(self.ckpt_root) != f"step{self.engine.global_steps:08d}":
                 self.save(f"step{self.engine.global_steps:08d}")
+        bar.close()
         return self.finish()
 
     def stop_for_preemption(self, request: int) -> dict:
-        """Save where we are (every rank), then requeue the Slurm job if the warning signal asked for it."""
+        """Save where we are (every rank), then requeue the Slurm job if the warning signal asked for it; after
+        SIGTERM or SIGINT the outcome carries the exit code the process should end with."""
         tag = f"step{self.engine.global_steps:08d}"
         if complete_tag(self.ckpt_root) != tag:
             self.save(tag)
@@ -228,10 +245,15 @@ class Trainer:
             outcome = f"requeue requested for Slurm job {os.environ.get('SLURM_JOB_ID', '(not under Slurm)')}"
             self.log.metrics({"event": "preempted", "step": step, "outcome": outcome})
             self.log.info(f"preempted at step {step}: saved {tag}; {self.preemption.requeue()}")
-        elif request != REQUEUE:
-            self.log.metrics({"event": "preempted", "step": step, "outcome": "stopped on SIGTERM"})
+        outcome = {"preempted": True, "checkpoint": tag}
+        if request != REQUEUE:
+            name = signal.Signals(self.preemption.stop_signal or signal.SIGTERM).name
+            if self.rank == 0:
+                self.log.metrics({"event": "preempted", "step": step, "outcome": f"stopped on {name}"})
+                self.log.info(f"stopped on {name} at step {step}: saved {tag}; `--resume auto` continues from it")
+            outcome["exit_code"] = self.preemption.exit_code()
         self.log.close()
-        return {"preempted": True, "checkpoint": tag}
+        return outcome
 
     def _agree(self) -> tuple[int, int]:
         """The loop's one collective per optimiser step: (the strongest preemption request any rank received, the
@@ -263,14 +285,32 @@ class Trainer:
             self.log.metrics({"event": "bad_samples", "split": self.faults.split, "step": self.engine.global_steps,
                               "new": len(new), "total": total, "limit": limit, "reasons": summarize(new)})
 
-    def _log_step(self, out: dict, step: int, bad_samples: int) -> None:
-        record = {"step": step, "epoch": self.progress.epoch, **self.method.scalars(out),
-                  "lr": self.scheduler.get_last_lr()[0]}
+    def _log_step(self, out: dict, step: int, bad_samples: int, pace: dict, bar) -> None:
+        scalars, lr = self.method.scalars(out), self.scheduler.get_last_lr()[0]
+        record = {"step": step, "epoch": self.progress.epoch, **scalars, "lr": lr,
+                  "samples_per_s": round(pace["samples_per_s"], 3), "step_s": round(pace["step_s"], 4),
+                  "data_wait": round(pace["data_wait"], 4)}
         if bad_samples:
             record["bad_samples"] = bad_samples
         if self.engine.fp16_enabled():  # dynamic loss scaling: steps with inf/nan gradients are skipped
             record.update(loss_scale=float(self.optimizer.loss_scale), skipped_steps=self.engine.skipped_steps)
-        self.log.metrics(record, routing=self.model.expert_counts())
+        self.log.metrics(record, routing=self._routing())
+        if "loss" in scalars:
+            bar.set_postfix_str(f"loss {scalars['loss']:.4f}")
+        self.log.step_line(step_line(step, self.total_steps, self.progress.epoch, self.cfg.train.epochs, scalars,
+                                     lr, pace, peak_memory(self.device)))
+
+    def _routing(self) -> dict[str, list[int]]:
+        """Routes per expert of each MoE layer in the step's last micro-batch, summed over every rank."""
+        counts = self.model.expert_counts()
+        if not counts or self.world_size == 1:
+            return counts
+        flat = torch.tensor([c for layer in counts.values() for c in layer], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flat)
+        values, start, summed = flat.tolist(), 0, {}
+        for name, layer in counts.items():
+            summed[name], start = values[start:start + len(layer)], start + len(layer)
+        return summed
 
     def _end_of_epoch(self) -> None:
         cfg, prog = self.cfg, self.progress
@@ -279,7 +319,8 @@ class Trainer:
         if cfg.data.val_split and (prog.epoch % cfg.train.eval_every == 0 or last):
             val = self.evaluate(cfg.data.val_split)
             prog.history.append({"epoch": prog.epoch, "step": self.engine.global_steps, **val})
-            self.log.metrics({"event": "val", "epoch": prog.epoch, **val})
+            self.log.metrics({"event": "val", "split": cfg.data.val_split, "epoch": prog.epoch,
+                              "step": self.engine.global_steps, **val})
             score = val[self.method.selection_metric]
             if score > prog.best_score:
                 prog.best_score, prog.best_tag = score, tag
@@ -290,6 +331,7 @@ class Trainer:
     def finish(self) -> dict:
         """Test the selected model (best on val, else the last) and write results.json."""
         cfg, prog = self.cfg, self.progress
+        step = self.engine.global_steps  # the run's last step (loading the best checkpoint moves the engine's)
         selection = "last step (no validation split)" if not cfg.data.val_split else "last step (not validated)"
         if cfg.data.val_split and prog.best_tag:
             selection = f"best validation {self.method.selection_metric} ({prog.best_tag})"
@@ -301,7 +343,7 @@ class Trainer:
                    "start_label": "untrained" if not self.started_from else "at start",
                    "validation": prog.history, "trainable_parameters": self.trainable_count,
                    "world_size": self.world_size, "ep_size": cfg.adapter.ep_size}
-        self.log.metrics({"event": "test", **test})
+        self.log.metrics({"event": "test", "split": cfg.data.test_split, "step": step, **test})
         self.method.on_finish(self.model, self.run_dir, self.rank)
         if self.rank == 0:
             write_atomic(self.run_dir / "results.json", json.dumps(results, indent=2))

@@ -101,15 +101,16 @@ def demo_assets(tmp_path_factory) -> dict[str, str]:
     from dsmoe.demo import prepare_demo
 
     root = tmp_path_factory.mktemp("demo")
-    cfg = load_config(None, [f"model.clip={root / 'tiny-clip'}", f"demo_dir={root}"])
+    cfg = load_config(None, [f"model.clip={root / 'tiny-clip'}", f"demo_dir={root}",
+                             f"data.shards={root / 'shards'}"])
     prepare_demo(cfg)
     return {"demo_dir": str(root), "model.clip": str(root / "tiny-clip"), "data.shards": str(root / "shards")}
 
 
 @pytest.fixture
 def signals():
-    """Restore the process's SIGTERM/SIGUSR1 handlers after a Trainer installed its preemption watch."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    """Restore the process's SIGTERM/SIGUSR1/SIGINT handlers after a Trainer installed its preemption watch."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)

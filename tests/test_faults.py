@@ -388,7 +388,7 @@ def damaged_demo(demo_assets, tmp_path_factory) -> dict[str, str]:
     fs.edit_sample(out / "train-000001.tar", 9, fs.bad_json)
     fs.truncate_file(out / "train-000004.tar", keep=0.5)  # 32 samples: about half of them lost
     fs.edit_sample(out / "test-000001.tar", 2, fs.corrupt_image)
-    return {**demo_assets, "data.shards": str(out)}
+    return {**demo_assets, "data.shards": str(out), "demo": "false"}  # the demo's recipe on other shards
 
 
 @pytest.mark.integration

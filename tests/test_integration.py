@@ -145,8 +145,8 @@ def test_dasd_language_experts_sharded_over_two_ranks(dasd_assets, tmp_path):
     assert cla["test"]["mAR"] > cla["zero_shot"]["mAR"]  # two epochs of CLA already beat the untrained path
     routing = [json.loads(line)["routing"] for line in (run / "cla" / "metrics.jsonl").read_text().splitlines()
                if '"routing"' in line]
-    # rank 0's 8 captions per step, all tokens of each caption to its language's expert
-    assert all(sum(counts) == 8 * 32 for record in routing for counts in record.values())
+    # the step's 2 x 8 captions (both ranks), all tokens of each caption to its language's expert
+    assert all(sum(counts) == 2 * 8 * 32 for record in routing for counts in record.values())
 
     proc = subprocess.run([sys.executable, "-m", "dsmoe.evaluate", "--checkpoint", str(run / "cma")], cwd=REPO_ROOT,
                           env=launch_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)

@@ -62,7 +62,8 @@ def slurm_demo(tmp_path_factory) -> dict[str, str]:
     from dsmoe.config import load_config
 
     root = tmp_path_factory.mktemp("slurm-demo")
-    cfg = load_config(None, [f"model.clip={root / 'tiny-clip'}", f"demo_dir={root}"])
+    cfg = load_config(None, [f"model.clip={root / 'tiny-clip'}", f"demo_dir={root}",
+                             f"data.shards={root / 'shards'}"])
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dsmoe.demo.models, "pretrain_clip", lambda *args, **kwargs: None)
         dsmoe.demo.prepare_demo(cfg)
@@ -230,7 +231,7 @@ def test_preempted_job_requeues_itself_and_resumes(slurm, slurm_demo, tmp_path):
         assert 2 <= saved < 30
         log = out.read_text()  # both runs, appended (--open-mode=append)
         assert f"train.sbatch: job {job} (restart 0)" in log and f"train.sbatch: job {job} (restart 1)" in log
-        assert f"resumed from runs/{name}-{job}/checkpoints/step{saved:08d}: " in log, log[-6000:]
+        assert f"resumed from {run_dir}/checkpoints/step{saved:08d}: " in log, log[-6000:]  # paths made absolute
         assert log.index("(restart 1)") < log.index("resumed from")
         # each step trained once: the second run continued after the saved step instead of starting over
         steps = [r["step"] for r in records if "loss" in r]

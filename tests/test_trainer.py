@@ -68,3 +68,50 @@ def test_training_starts_from_exported_adapters_at_another_layout(demo_assets, d
     loaded = {n: p.detach() for n, p in started.model.named_parameters() if p.requires_grad}
     assert trained.keys() == loaded.keys() and all((trained[n] == loaded[n]).all() for n in trained)
     assert started.train()["start_label"] == "at start"
+
+
+def test_a_log_file_shows_a_progress_line_at_every_logged_step(demo_assets, dist_env, signals, tmp_path, capsys):
+    run = tmp_path / "run"
+    trainer = make_trainer(demo_assets, run, "train.max_steps=4", "train.log_every=2")
+    trainer.train()
+    lines = [line for line in capsys.readouterr().out.splitlines() if "samples/s" in line]
+    assert [line.split(" | ")[0] for line in lines] == ["[dsmoe] step 2/4 epoch 1/3", "[dsmoe] step 4/4 epoch 1/3"]
+    for line in lines:  # loss terms, lr, throughput, data wait, memory, ETA
+        assert all(part in line for part in (" loss ", " sdm ", " lr ", " s/step, data wait ", " peak ", "ETA ")), line
+    assert lines[-1].endswith("ETA 0:00:00")
+    steps = [r for r in records(run) if "loss" in r]
+    assert [r["step"] for r in steps] == [2, 4]
+    assert all(r["samples_per_s"] > 0 and r["step_s"] > 0 and 0 <= r["data_wait"] <= 1 for r in steps)
+    assert all("step" in r for r in records(run)), "every record says at which step it was logged"
+
+
+def test_a_crash_resumed_run_logs_each_step_once(demo_assets, dist_env, signals, tmp_path):
+    from dsmoe import checkpoint as checkpoints
+
+    run = tmp_path / "run"
+    make_trainer(demo_assets, run, "train.max_steps=5", "train.checkpoint_every=2").train()
+    # the crash: step 5 was logged, its checkpoint never completed
+    ckpt = run / "checkpoints"
+    import shutil
+
+    shutil.rmtree(ckpt / "step00000005")
+    checkpoints.write_pointer(ckpt, "latest", "step00000004")
+    logged_before = [r["step"] for r in records(run) if "loss" in r]
+    assert logged_before == [1, 2, 3, 4, 5]
+    resumed = make_trainer(demo_assets, run, "train.max_steps=7")
+    assert resumed.resume("auto") and resumed.engine.global_steps == 4
+    resumed.train()
+    assert [r["step"] for r in records(run) if "loss" in r] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["event"] for r in records(run) if "event" in r] == ["test"], "the first run's test record was cut"
+
+
+def test_sigterm_and_ctrl_c_save_then_end_the_run_non_zero(demo_assets, dist_env, signals, tmp_path):
+    for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        run = tmp_path / signal.Signals(signum).name
+        trainer = make_trainer(demo_assets, run, "train.max_steps=6")
+        os.kill(os.getpid(), signum)  # the handler only sets a flag; the ranks save at the next step
+        outcome = trainer.train()
+        assert outcome == {"preempted": True, "checkpoint": "step00000001", "exit_code": code}
+        assert complete_tag(run / "checkpoints") == "step00000001"
+        event = [r for r in records(run) if r.get("event") == "preempted"]
+        assert event[0]["outcome"] == f"stopped on {signal.Signals(signum).name}"

@@ -319,9 +319,9 @@ def batches_per_epoch(shard_dir: str, split: str, global_batch: int, languages: 
 
 
 def ignore_job_signals(_worker: int) -> None:
-    """DataLoader workers leave Slurm's preemption signals to the training process."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """DataLoader workers leave Slurm's preemption signals and Ctrl-C to the training process."""
+    for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def train_loader(cfg: TrainStreamConfig, texts, epoch: int, start_batch: int, workers: int,

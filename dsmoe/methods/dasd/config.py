@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from dsmoe.methods import MethodSettings
-from dsmoe.schema import ConfigError, at_least, positive, ranged
+from dsmoe.schema import ConfigError, at_least, location, positive, ranged
 
 if TYPE_CHECKING:
     from dsmoe.config import RunConfig
@@ -33,9 +33,9 @@ class DASDConfig(MethodSettings):
     cma: StageConfig = field(default_factory=lambda: StageConfig(epochs=1, lr=6.0e-6))
     stage: Literal["english", "cla", "cma"] = "cla"
     """The stage being run (set from ``stages`` by ``stages()``)."""
-    tokenizer: str = "bert-base-multilingual-cased"
+    tokenizer: str = location("bert-base-multilingual-cased", "model")
     """Target-language tokenizer (mBERT) hub id or directory."""
-    embeddings: str | None = "bert-base-multilingual-cased"
+    embeddings: str | None = location("bert-base-multilingual-cased", "model")
     """Model whose word embeddings initialise the trainable table; null: random init of the tokenizer's size."""
     embedding_dim: int = at_least(1, 768)
     """Width of the table when ``embeddings`` is null (mBERT's is read from the model)."""
