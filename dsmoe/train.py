@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="start from these trainable weights (a file written by python -m dsmoe.export, or a "
                              "run / checkpoint directory) at any ep_size and world size; optimiser state fresh "
                              "(sets train.init_from)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even though the run's settings differ from its checkpoint's (they are listed)")
     return parser.parse_args(argv)
 
 
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     assert world_size == launched_world_size(), "the process group disagrees with the launcher's WORLD_SIZE"
     watch = FaultWatch(rank, world_size)
     try:
-        code = run(stages, args.resume, rank, world_size, local_rank)
+        code = run(stages, args.resume, rank, world_size, local_rank, args.allow_config_change)
     except BaseException as exc:  # noqa: BLE001 - every failure ends every rank (see dsmoe.faults)
         watch.fail(exc)
     watch.stop()
@@ -106,7 +108,8 @@ def finished_results(cfg: RunConfig) -> str | None:
     return format_results(json.loads(results.read_text()), get_method(cfg).report_metrics)
 
 
-def run(stages: list[tuple[RunConfig, dict]], resume: str, rank: int, world_size: int, local_rank: int) -> int:
+def run(stages: list[tuple[RunConfig, dict]], resume: str, rank: int, world_size: int, local_rank: int,
+        allow_config_change: bool = False) -> int:
     """Train each run in turn (one, or a method's stages), each from its checkpoint, or ``train.init_from``; the
     exit code: 0, or 128 + the signal that stopped the run (a requeue for Slurm is 0)."""
     from dsmoe.trainer import Trainer
@@ -119,7 +122,8 @@ def run(stages: list[tuple[RunConfig, dict]], resume: str, rank: int, world_size
             continue
         resumable = resume_point(resume, Path(stage.train.output_dir) / "checkpoints") is not None
         portable = start if start and is_portable(start) and not resumable else None
-        trainer = Trainer(stage, ds_config, rank, world_size, local_rank, portable_init=portable)
+        trainer = Trainer(stage, ds_config, rank, world_size, local_rank, portable_init=portable,
+                          allow_config_change=allow_config_change)
         trainer.write_run_files()
         if not trainer.resume(None if resume == "none" else resume) and start and not portable:
             trainer.init_from(start)

@@ -16,7 +16,7 @@ import yaml
 from dsmoe import checkpoint as checkpoints
 from dsmoe import checkpoint_engine
 from dsmoe.checkpoint import complete_tag, is_portable, resolve_checkpoint
-from dsmoe.config import RunConfig, to_dict
+from dsmoe.config import ConfigError, RunConfig, to_dict
 from dsmoe.data.faults import FaultLog, bad_sample_limit, summarize
 from dsmoe.data.pipeline import TrainStreamConfig, batches_per_epoch, train_loader
 from dsmoe.data.transforms import normalize
@@ -29,6 +29,7 @@ from dsmoe.methods import get_method
 from dsmoe.methods.base import Method
 from dsmoe.optim import warmup_steps, whole_model_trainable
 from dsmoe.preemption import REQUEUE, STOP, PreemptionWatch
+from dsmoe.provenance import config_changes, run_facts
 from dsmoe.run_log import Pace, RunLogger, peak_memory, step_line
 from dsmoe.shards.format import read_split
 
@@ -51,8 +52,10 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, ds_config: dict, rank: int, world_size: int, local_rank: int,
-                 portable_init: str | None = None):
+                 portable_init: str | None = None, allow_config_change: bool = False):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.allow_config_change = allow_config_change
+        self.facts = run_facts(world_size)
         self.device = device_for(local_rank)
         self.run_dir = Path(cfg.train.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -106,6 +109,13 @@ class Trainer:
             return False
         root, tag = point
         marker = checkpoints.read_marker(root, tag)
+        changes = config_changes(marker["config"], to_dict(self.cfg)) if "config" in marker else []
+        if changes and not self.allow_config_change:
+            raise ConfigError(f"{root / tag} was trained with other settings:\n  " + "\n  ".join(changes)
+                              + "\nresume with --allow-config-change to continue with the new ones, or start a "
+                                "new run (another train.output_dir)")
+        if changes:
+            self.log.info("WARNING: continuing with changed settings:\n  " + "\n  ".join(changes))
         layout = {"world_size": self.world_size, "ep_size": self.ep_size}
         saved = {k: marker.get(k, layout[k]) for k in layout}
         same = saved == layout
@@ -154,7 +164,8 @@ class Trainer:
         dist.barrier()
         if self.rank == 0:
             marker = {"time": time.time(), "progress": self.progress.__dict__, "global_step": self.engine.global_steps,
-                      "world_size": self.world_size, "ep_size": self.ep_size, "config": to_dict(self.cfg)}
+                      "world_size": self.world_size, "ep_size": self.ep_size, "config": to_dict(self.cfg),
+                      "run": self.facts}
             checkpoints.publish(self.ckpt_root, staging, tag, json.dumps(marker))
             checkpoints.prune(self.ckpt_root, self.cfg.train.keep_checkpoints)
         dist.barrier()
@@ -342,7 +353,8 @@ class Trainer:
         results = {"model_selection": selection, "zero_shot": prog.zero_shot, "test": test,
                    "start_label": "untrained" if not self.started_from else "at start",
                    "validation": prog.history, "trainable_parameters": self.trainable_count,
-                   "world_size": self.world_size, "ep_size": cfg.adapter.ep_size}
+                   "world_size": self.world_size, "ep_size": cfg.adapter.ep_size, "run": self.facts,
+                   "config": to_dict(cfg)}
         self.log.metrics({"event": "test", "split": cfg.data.test_split, "step": step, **test})
         self.method.on_finish(self.model, self.run_dir, self.rank)
         if self.rank == 0:

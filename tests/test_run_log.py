@@ -142,3 +142,15 @@ def test_a_folder_of_stage_runs_says_which_runs_it_holds(tmp_path):
                                                 f"{tmp_path / 'cma'}"):
         check_checkpoint(tmp_path)
     check_checkpoint(tmp_path / "cla")
+
+
+def test_config_changes_leave_out_run_control_and_equal_paths(tmp_path, monkeypatch):
+    from dsmoe.provenance import config_changes
+
+    monkeypatch.chdir(tmp_path)
+    saved = {"optim": {"lr": 0.003, "betas": [0.9, 0.999]}, "train": {"max_steps": 4, "output_dir": "runs/a"},
+             "data": {"shards": "shards", "workers": 1}, "adapter": {"ep_size": 2, "top_k": 2}}
+    now = {"optim": {"lr": 0.5, "betas": [0.9, 0.999]}, "train": {"max_steps": 9, "output_dir": str(tmp_path / "runs/a")},
+           "data": {"shards": str(tmp_path / "shards"), "workers": 0}, "adapter": {"ep_size": 1, "top_k": 1}}
+    assert config_changes(saved, now) == ["adapter.top_k: 2 -> 1", "optim.lr: 0.003 -> 0.5"]
+    assert config_changes(saved, saved) == []

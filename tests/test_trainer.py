@@ -115,3 +115,22 @@ def test_sigterm_and_ctrl_c_save_then_end_the_run_non_zero(demo_assets, dist_env
         assert complete_tag(run / "checkpoints") == "step00000001"
         event = [r for r in records(run) if r.get("event") == "preempted"]
         assert event[0]["outcome"] == f"stopped on {signal.Signals(signum).name}"
+
+
+def test_resuming_with_other_settings_is_refused_unless_allowed(demo_assets, dist_env, signals, tmp_path):
+    import pytest
+
+    from dsmoe.config import ConfigError
+
+    run = tmp_path / "run"
+    first = make_trainer(demo_assets, run, "train.max_steps=2")
+    first.train()
+    facts = json.loads((run / "results.json").read_text())["run"]
+    assert facts["world_size"] == 1 and facts["started"] and "dsmoe_version" in facts and "git_commit" in facts
+    assert json.loads((run / "checkpoints" / "step00000002" / "COMPLETE").read_text())["run"] == facts
+    changed = make_trainer(demo_assets, run, "train.max_steps=3", "optim.lr=0.5")
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.003 -> 0.5\nresume with --allow-config-change"):
+        changed.resume("auto")
+    allowed = make_trainer(demo_assets, run, "train.max_steps=3", "optim.lr=0.5")
+    allowed.allow_config_change = True
+    assert allowed.resume("auto") and allowed.engine.global_steps == 2
