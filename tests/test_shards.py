@@ -397,3 +397,27 @@ def test_cli_runs_as_a_script_with_workers(clean_root: Path, tmp_path: Path) -> 
     bad = subprocess.run(command[:5] + ["/nonexistent"] + command[6:], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_verify_command_checks_existing_shards_one_line_per_damaged_shard(clean_root: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    write_shards(read_person_layout("cuhk-pedes", clean_root), out, dataset="cuhk-pedes", samples_per_shard=5)
+    assert shards_cli.main(["verify", str(out)]) == 0 and "verify: ok" in capsys.readouterr().out
+    manifest = _manifest(out, "train")  # every key of a shard renumbered: dozens of follow-on problems
+    shard = out / manifest["shards"][1]["name"]
+    rebuilt = io.BytesIO()
+    with tarfile.open(shard) as src, tarfile.open(fileobj=rebuilt, mode="w", format=tarfile.USTAR_FORMAT) as dst:
+        for info in src.getmembers():
+            data = src.extractfile(info).read()
+            info.name = info.name.replace("train_", "train_9")
+            dst.addfile(info, io.BytesIO(data))
+    shard.write_bytes(rebuilt.getvalue())
+    manifest["shards"][1]["sha256"] = hashlib.sha256(rebuilt.getvalue()).hexdigest()
+    manifest["shards"][1]["bytes"] = len(rebuilt.getvalue())
+    (out / "train.manifest.json").write_text(json.dumps(manifest))
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert shards_cli.main(["verify", str(out)]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"problem: {shard.name}")]
+    assert len(lines) == 2 and "key 'train_9" in lines[0] and lines[1].endswith("more problems after the first")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before, "verify writes nothing"

@@ -21,7 +21,10 @@ Example::
     python -m dsmoe.shards --dataset cuhk-pedes --root data/CUHK-PEDES --out shards/cuhk-pedes \\
         --resize 384x128 --workers 8 --verify
 
-Exit status: 0 on success, 1 when --verify finds problems, 2 on a user error (bad arguments, a raw layout that
+``python -m dsmoe.shards verify DIR`` checks shards already written, writing nothing (the first problem of each
+shard, then how many more).
+
+Exit status: 0 on success, 1 when --verify (or verify) finds problems, 2 on a user error (bad arguments, a raw layout that
 does not parse, skipped records or unmatched caption entries under --strict) or a failed write (the file is
 named), 130 when interrupted (a re-run continues from the shards already finished).
 """
@@ -141,8 +144,35 @@ def _tool_args(args: argparse.Namespace, resize: tuple[int, int] | None, layout:
     return values
 
 
+def verify_main(argv: list[str]) -> int:
+    """``python -m dsmoe.shards verify DIR``: check existing shards against their manifests, writing nothing."""
+    parser = argparse.ArgumentParser(prog="python -m dsmoe.shards verify",
+                                     description="Re-read shards against their manifests (checksums, members, keys, "
+                                                 "JSON, counts); the first problem of each shard is reported.")
+    parser.add_argument("out", type=Path, help="a directory written by python -m dsmoe.shards")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    return report_verification(args.out)
+
+
+def report_verification(out: Path) -> int:
+    """Print what ``verify_shards`` finds; 1 when there are problems."""
+    problems = verify_shards(out)
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"verify: ok ({out})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the tool; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["verify"]:
+        return verify_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -194,12 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
     _print_skips(reports)
     if args.verify:
-        problems = verify_shards(args.out)
-        for problem in problems:
-            print(f"problem: {problem}", file=sys.stderr)
-        if problems:
-            return 1
-        print(f"verify: ok ({args.out})")
+        return report_verification(args.out)
     return 0
 
 

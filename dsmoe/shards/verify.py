@@ -133,7 +133,9 @@ def _verify_manifest(path: Path, listed: set[str]) -> list[str]:
         if not match or match["split"] != split:
             problems.append(f"{path.name}: shard name {name!r} does not belong to split {split!r}")
             continue
-        problems += _verify_shard(path.parent / name, entry, split, dataset, person, totals["samples"], totals)
+        found = _verify_shard(path.parent / name, entry, split, dataset, person, totals["samples"], totals)
+        # the first problem of a shard says what is wrong; the rest usually follow from it
+        problems += found[:1] + ([f"{name}: {len(found) - 1} more problems after the first"] if len(found) > 1 else [])
     recorded_captions = manifest["captions"] if isinstance(manifest["captions"], dict) else {}
     checks: list[tuple[str, Any, Any]] = [("samples", totals["samples"], manifest["samples"])]
     for lang in sorted(set(recorded_captions) | set(totals["captions"])):
