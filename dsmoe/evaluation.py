@@ -19,6 +19,7 @@ from dsmoe.data.transforms import normalize
 from dsmoe.distributed import flag_tensor
 from dsmoe.engine import build_inference_engine, device_for, engine_dtype
 from dsmoe.faults import RunError
+from dsmoe.progress import Phase
 from dsmoe.shards.format import read_split
 
 
@@ -117,8 +118,11 @@ class Evaluator:
                              self.world_size, cfg.train.eval_batch_size, cfg.data.workers)
         dummy = {"image": torch.zeros(1, 3, h, w, dtype=torch.uint8)}
         features, local, faults, width = [], [], [], 0
+        phase = Phase(f"evaluation of '{split}': image features (rank 0's share)", unit="images",
+                      enabled=self.rank == 0)
         for batch, real in self._lockstep(loader, dummy):
             if real:
+                phase.advance(len(batch["index"]))
                 faults += batch["faults"]
                 if batch["image"] is None:  # nothing usable in this batch: the dummy keeps MoE collectives matched
                     batch, real = dummy, False
@@ -129,6 +133,7 @@ class Evaluator:
                 features.append(feats)
                 local += zip(batch["index"].tolist(), batch["pid"].tolist(), batch["captions"])
         self.engine.train()
+        phase.close()
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, faults)
         self._check_missing(split, [f for rank_faults in gathered for f in rank_faults])

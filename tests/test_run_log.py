@@ -154,3 +154,23 @@ def test_config_changes_leave_out_run_control_and_equal_paths(tmp_path, monkeypa
            "data": {"shards": str(tmp_path / "shards"), "workers": 0}, "adapter": {"ep_size": 1, "top_k": 1}}
     assert config_changes(saved, now) == ["adapter.top_k: 2 -> 1", "optim.lr: 0.003 -> 0.5"]
     assert config_changes(saved, saved) == []
+
+
+def test_a_long_phase_reports_start_progress_and_end_in_a_log():
+    import io
+
+    from dsmoe.progress import Phase
+
+    log = io.StringIO()
+    with Phase("writing shards", 4, "shards", every=0.0, stream=log) as phase:
+        for _ in range(4):
+            phase.advance()
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "[dsmoe] writing shards: 4 shards"
+    assert lines[1].startswith("[dsmoe] writing shards: 1/4 shards (25%, ") and "ETA " in lines[1]
+    assert lines[4].startswith("[dsmoe] writing shards: 4/4 shards (100%")
+    assert lines[5].startswith("[dsmoe] writing shards: done, 4 shards in ") and len(lines) == 6
+    quiet = io.StringIO()
+    with Phase("elsewhere", enabled=False, stream=quiet) as phase:
+        phase.advance(3)
+    assert quiet.getvalue() == "" and phase.done == 3

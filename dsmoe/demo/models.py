@@ -13,6 +13,7 @@ from transformers import BertConfig, BertModel, BertTokenizerFast, CLIPConfig, C
 from dsmoe.data.transforms import eval_transform, normalize
 from dsmoe.demo.people import Identity, make_identities, render_person
 from dsmoe.losses import symmetric_info_nce
+from dsmoe.progress import Phase
 
 # eos must not get id 2: transformers' CLIPTextModel treats eos_token_id == 2 as a legacy config and pools at
 # the largest token id instead of the end-of-text token.
@@ -54,7 +55,9 @@ def pretrain_clip(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, steps: i
     images = normalize(torch.stack(images))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     model.train()
+    phase = Phase("demo: pre-training the tiny CLIP on generic pairs", steps, "steps", every=15.0)
     for _ in range(steps):
+        phase.advance()
         pick = rng.sample(range(len(images)), batch)
         text = tokenizer([web_caption(shown[i], rng) for i in pick], padding=True, return_tensors="pt")
         pixels = images[pick]
@@ -64,6 +67,7 @@ def pretrain_clip(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, steps: i
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    phase.close()
     model.eval()
 
 

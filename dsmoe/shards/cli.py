@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             tool_args=_tool_args(args, resize, layout),
             caption_reports=caption_reports,
             notes=layout.notes,
+            progress=True,
         )
     except (RawFormatError, ShardWriteError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dsmoe.files import write_atomic
+from dsmoe.progress import Phase
 from dsmoe.shards.format import FORMAT_NAME, FORMAT_VERSION, KNOWN_SPLITS, SHARD_NAME, manifest_path, shard_name
 from dsmoe.shards.plan import JOURNAL_NAME, accept, cut, plan_digest, prep_tasks, previous_shards, screen, split_report
 from dsmoe.shards.records import RawRecord, ShardWriteError, writing
@@ -100,11 +101,13 @@ def write_shards(
     tool_args: dict[str, Any] | None = None,
     caption_reports: Sequence[Mapping[str, Any]] = (),
     notes: Sequence[str] = (),
+    progress: bool = False,
 ) -> dict[str, SplitReport]:
     """Write ``records`` as WebDataset shards plus one manifest per split under ``out_dir``.
 
     ``caption_reports`` (merged caption files, with their unmatched entries) and ``notes`` (what the layout
-    reader decided) are recorded in every manifest. Returns a report per split (known splits with input first,
+    reader decided) are recorded in every manifest; ``progress`` reports how far reading and writing are.
+    Returns a report per split (known splits with input first,
     then unknown split names). With ``workers > 1`` a spawn-context process pool is used; call it under
     ``if __name__ == "__main__":``. Raises :class:`ShardWriteError` for bad options, and with ``strict=True``
     when any record was skipped or any caption-file entry matched no sample (after everything else has been
@@ -129,9 +132,11 @@ def write_shards(
 
     try:
         with Runner(workers) as runner:
-            probes = [probe for chunk in runner.map(prepare, prep_tasks(candidates, spill_dir, resize, frames,
-                                                                           workers))
-                      for probe in chunk]
+            probes = []
+            with Phase("reading inputs", len(candidates), "inputs", enabled=progress) as phase:
+                for chunk in runner.map(prepare, prep_tasks(candidates, spill_dir, resize, frames, workers)):
+                    probes += chunk
+                    phase.advance(len(chunk))
             samples = accept(candidates, probes, dataset, frames, skips, dropped)
             tasks: list[ShardTask] = []
             for split in KNOWN_SPLITS:
@@ -146,8 +151,9 @@ def write_shards(
             results: dict[str, ShardResult] = {}
             with writing(journal):
                 log = open(journal, "a", encoding="utf-8")
-            with log:
+            with log, Phase("writing shards", len(tasks), "shards", enabled=progress) as phase:
                 for result in runner.unordered(build_shard, tasks):
+                    phase.advance()
                     results[result.name] = result
                     entry = {"name": result.name, "plan": plans[result.name].plan, "sha256": result.sha256}
                     with writing(journal):
