@@ -115,12 +115,12 @@ def publish(root: Path, staging: str, tag: str, marker: str) -> None:
 
 
 def prune(root: Path, keep: int) -> None:
-    """Delete step folders beyond the newest ``keep``, except those ``latest`` and ``best`` name."""
-    pinned = {complete_tag(root, "latest"), complete_tag(root, "best")}
-    steps = sorted(p for p in root.glob("step*") if p.is_dir())
-    for old in steps[:-max(1, keep)]:
-        if old.name not in pinned:
-            shutil.rmtree(old, ignore_errors=True)
+    """Keep ``keep`` step folders: those ``latest`` and ``best`` name (always, even when ``keep`` is 1), then the
+    newest others; delete the rest."""
+    pinned = {tag for tag in (complete_tag(root, "latest"), complete_tag(root, "best")) if tag}
+    others = sorted((p for p in root.glob("step*") if p.is_dir() and p.name not in pinned), reverse=True)
+    for old in others[max(0, keep - len(pinned)):]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_staging(root: Path) -> None:

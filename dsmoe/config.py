@@ -133,6 +133,7 @@ class TrainConfig:
     checkpoint_every: int = at_least(0, 0)
     """Also checkpoint every N optimiser steps (0: only at epoch ends)."""
     keep_checkpoints: int = at_least(1, 2)
+    """Step folders kept: the ones ``latest`` and ``best`` name, then the newest others."""
     log_every: int = at_least(1, 10)
     collective_timeout: float = positive(600.0)
     """Seconds a collective may wait for the other ranks before the run fails (a hung rank); a failed rank ends

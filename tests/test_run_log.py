@@ -174,3 +174,22 @@ def test_a_long_phase_reports_start_progress_and_end_in_a_log():
     with Phase("elsewhere", enabled=False, stream=quiet) as phase:
         phase.advance(3)
     assert quiet.getvalue() == "" and phase.done == 3
+
+
+def test_pruning_keeps_as_many_folders_as_asked_pointers_first(tmp_path):
+    import json
+
+    from dsmoe.checkpoint import STAGING_PREFIX, prune, publish, write_pointer
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8):
+        (root / f"{STAGING_PREFIX}step{step:08d}").mkdir(parents=True)
+        publish(root, f"{STAGING_PREFIX}step{step:08d}", f"step{step:08d}", json.dumps({"global_step": step}))
+    write_pointer(root, "best", "step00000002")  # best is old; latest is step 8
+    prune(root, 2)
+    assert sorted(p.name for p in root.glob("step*")) == ["step00000002", "step00000008"]
+    write_pointer(root, "best", "step00000008")  # best moves to latest: one slot for the newest other
+    prune(root, 2)
+    assert sorted(p.name for p in root.glob("step*")) == ["step00000002", "step00000008"]
+    prune(root, 1)
+    assert sorted(p.name for p in root.glob("step*")) == ["step00000008"]
