@@ -56,6 +56,11 @@ def local_world_size(env: dict[str, str] = os.environ) -> int:
     return max(1, int(env.get("WORLD_SIZE", "1")))
 
 
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def thread_budget(configured: int | None, env: dict[str, str] = os.environ,
                   cores: int | None = None) -> tuple[int, str]:
     """Intra-op threads for this rank and where the number comes from: ``train.threads_per_rank``, else an
@@ -68,6 +73,6 @@ def thread_budget(configured: int | None, env: dict[str, str] = os.environ,
     if env.get("SLURM_CPUS_PER_TASK", "").isdigit() and int(env["SLURM_CPUS_PER_TASK"]) > 0:
         return int(env["SLURM_CPUS_PER_TASK"]), "SLURM_CPUS_PER_TASK"
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = available_cores()
     ranks = local_world_size(env)
     return max(1, cores // ranks), f"{cores} cores / {ranks} local ranks"

@@ -101,10 +101,21 @@ def _check_image_ids(text_image_ids: torch.Tensor, image_ids: torch.Tensor) -> N
 # the counting kernels: one block of query rows against the whole gallery
 
 
-def _rank_dtype(scores: torch.Tensor) -> torch.Tensor:
-    """Scores to rank: float32 at least (bf16 and fp16 blocks are widened), contiguous."""
-    wide = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
-    return wide.contiguous()
+def _checked_ids(row_ids: torch.Tensor, col_ids: torch.Tensor, shape: tuple[int, int], names: tuple[str, str],
+                 what: tuple[str, str], chunk_size: int, device: torch.device,
+                 check_pair: Callable[[torch.Tensor, torch.Tensor], None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ids of the rows and columns, checked against ``shape`` and each other (``check_pair``), on ``device``."""
+    _check_ids(row_ids, shape[0], names[0], what[0])
+    _check_ids(col_ids, shape[1], names[1], what[1])
+    _check_chunk_size(chunk_size)
+    row_ids, col_ids = row_ids.to(device), col_ids.to(device)
+    check_pair(row_ids, col_ids)
+    return row_ids, col_ids
+
+
+def _widened(scores: torch.Tensor) -> torch.Tensor:
+    """Scores to rank: float32 at least (bf16 and fp16 blocks are widened)."""
+    return scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
 
 
 def _hits(rank0: torch.Tensor) -> torch.Tensor:
@@ -114,7 +125,7 @@ def _hits(rank0: torch.Tensor) -> torch.Tensor:
 
 def _person_block(scores: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor) -> torch.Tensor:
     """[hits@1, hits@5, hits@10, sum of AP, sum of INP] of one block of queries (every query has a positive)."""
-    scores = _rank_dtype(scores)
+    scores = _widened(scores).contiguous()
     rows, cols = scores.shape
     device = scores.device
     positive = gallery_pids[None, :] == query_pids[:, None]  # [c, G]
@@ -178,7 +189,7 @@ def _person_block(scores: torch.Tensor, query_pids: torch.Tensor, gallery_pids: 
 def _rank_of_best(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """0-based rank of each row's best-ranked positive; ``positives`` [rows, P] holds the columns of each row's
     positives (-1: none; a row without any gets a rank past every K). ``scores`` may be a strided view."""
-    scores = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+    scores = _widened(scores)
     valid = positives >= 0
     positive_scores = torch.where(valid, scores.gather(1, positives.clamp(min=0)), float("-inf"))
     best = positive_scores.max(dim=1, keepdim=True).values
@@ -286,11 +297,10 @@ def rank_metrics(similarity: torch.Tensor, query_pids: torch.Tensor, gallery_pid
         ValueError: on malformed inputs or if some query has no positive in the gallery.
     """
     _check_scores(similarity)
-    _check_ids(query_pids, similarity.shape[0], "query_pids", "rows (queries)")
-    _check_ids(gallery_pids, similarity.shape[1], "gallery_pids", "columns (gallery items)")
-    _check_chunk_size(chunk_size)
-    query_pids, gallery_pids = query_pids.to(similarity.device), gallery_pids.to(similarity.device)
-    _check_person_ids(query_pids, gallery_pids)
+    query_pids, gallery_pids = _checked_ids(query_pids, gallery_pids, tuple(similarity.shape),
+                                            ("query_pids", "gallery_pids"),
+                                            ("rows (queries)", "columns (gallery items)"), chunk_size,
+                                            similarity.device, _check_person_ids)
     return _person_sums(lambda s, e: similarity[s:e], query_pids, gallery_pids, chunk_size, (0, 1), None,
                         similarity.device)
 
@@ -302,11 +312,9 @@ def rank_metrics_from_features(queries: torch.Tensor, query_pids: torch.Tensor, 
     """:func:`rank_metrics` of ``queries @ gallery.T`` (normalise the features first for cosine similarity),
     computed one block of queries at a time; ``part``/``reduce`` share the blocks between ranks."""
     _check_features(queries, gallery, ("queries", "gallery"))
-    _check_ids(query_pids, len(queries), "query_pids", "queries")
-    _check_ids(gallery_pids, len(gallery), "gallery_pids", "gallery items")
-    _check_chunk_size(chunk_size)
-    query_pids, gallery_pids = query_pids.to(queries.device), gallery_pids.to(queries.device)
-    _check_person_ids(query_pids, gallery_pids)
+    query_pids, gallery_pids = _checked_ids(query_pids, gallery_pids, (len(queries), len(gallery)),
+                                            ("query_pids", "gallery_pids"), ("queries", "gallery items"), chunk_size,
+                                            queries.device, _check_person_ids)
     return _person_sums(_feature_blocks(queries, gallery), query_pids, gallery_pids, chunk_size, part, reduce,
                         queries.device)
 
@@ -332,11 +340,9 @@ def recall_metrics(similarity: torch.Tensor, text_image_ids: torch.Tensor, image
         ValueError: on malformed inputs, duplicate image ids, or a caption whose image id is unknown.
     """
     _check_scores(similarity)
-    _check_ids(text_image_ids, similarity.shape[0], "text_image_ids", "rows (texts)")
-    _check_ids(image_ids, similarity.shape[1], "image_ids", "columns (images)")
-    _check_chunk_size(chunk_size)
-    text_image_ids, image_ids = text_image_ids.to(similarity.device), image_ids.to(similarity.device)
-    _check_image_ids(text_image_ids, image_ids)
+    text_image_ids, image_ids = _checked_ids(text_image_ids, image_ids, tuple(similarity.shape),
+                                             ("text_image_ids", "image_ids"), ("rows (texts)", "columns (images)"),
+                                             chunk_size, similarity.device, _check_image_ids)
     return _recall_sums(lambda s, e: similarity[s:e], lambda s, e: similarity[:, s:e].t(), text_image_ids,
                         image_ids, chunk_size, (0, 1), None, similarity.device)
 
@@ -348,10 +354,8 @@ def recall_metrics_from_features(texts: torch.Tensor, text_image_ids: torch.Tens
     """:func:`recall_metrics` of ``texts @ images.T``, one block at a time in each direction; ``part``/``reduce``
     share the blocks between ranks."""
     _check_features(texts, images, ("texts", "images"))
-    _check_ids(text_image_ids, len(texts), "text_image_ids", "texts")
-    _check_ids(image_ids, len(images), "image_ids", "images")
-    _check_chunk_size(chunk_size)
-    text_image_ids, image_ids = text_image_ids.to(texts.device), image_ids.to(texts.device)
-    _check_image_ids(text_image_ids, image_ids)
+    text_image_ids, image_ids = _checked_ids(text_image_ids, image_ids, (len(texts), len(images)),
+                                             ("text_image_ids", "image_ids"), ("texts", "images"), chunk_size,
+                                             texts.device, _check_image_ids)
     return _recall_sums(_feature_blocks(texts, images), _feature_blocks(images, texts), text_image_ids, image_ids,
                         chunk_size, part, reduce, texts.device)

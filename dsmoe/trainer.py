@@ -55,7 +55,7 @@ class Trainer:
                  portable_init: str | None = None, allow_config_change: bool = False):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.allow_config_change = allow_config_change
-        self.facts = run_facts(world_size)
+        self.facts = run_facts(world_size) if rank == 0 else {}  # rank 0 writes the markers and results.json
         self.device = device_for(local_rank)
         self.run_dir = Path(cfg.train.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"

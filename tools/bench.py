@@ -39,13 +39,10 @@ except ImportError:  # run from a checkout
     sys.path.insert(0, str(TOOLS.parent))
 
 from benchmarks import measure  # noqa: E402
+from dsmoe.launcher import available_cores  # noqa: E402
 
 SECTIONS = ("metrics", "scale", "step", "experts", "reader", "gpu")
 PAPER_MEMORY_MB = 2952  # DM-Adapter's reported training memory, ViT-B/16 at batch 32 (bf16)
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def run_one_case(case: str, variant: str, options: dict) -> None:
@@ -241,7 +238,7 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpu": model or platform.processor(), "cores": _cores(), "load_1min_at_start": load,
+    return {"cpu": model or platform.processor(), "cores": available_cores(), "load_1min_at_start": load,
             "python": platform.python_version()}
 
 
@@ -250,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI-sized inputs, one repeat")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections, comma separated: {SECTIONS}")
     parser.add_argument("--repeat", type=int, default=None, help="rounds of interleaved runs (default 3; 1 quick)")
-    parser.add_argument("--threads", type=int, default=_cores(), help="torch threads of the metrics and reader "
-                                                                      "processes (the step runs on 1)")
+    parser.add_argument("--threads", type=int, default=available_cores(),
+                        help="torch threads of the metrics and reader processes (the step runs on 1)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/dsmoe-bench"))
     parser.add_argument("--json", type=Path, default=None, help="where to write the figures (default: print)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
