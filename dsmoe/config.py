@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,13 @@ class WandbConfig:
     name: str | None = None
 
 
+@dataclass
+class TensorBoardConfig:
+    enabled: bool = False
+    """Also write the run's records as TensorBoard events under ``<train.output_dir>/tensorboard`` (needs the
+    ``tensorboard`` package: ``pip install 'dsmoe[tensorboard]'``)."""
+
+
 def _inside(path: str, folder: str) -> bool:
     resolved, root = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
     return resolved == root or root in resolved.parents
@@ -169,6 +177,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
     method_config: Any = field(default=None, metadata={"yaml": False})
     """The method's own settings (its registered dataclass), read from the YAML section named ``method``."""
 
@@ -188,6 +197,8 @@ class RunConfig:
                 raise ConfigError(f"adapter.top_k={a.top_k} must be between 1 and adapter.num_experts={a.num_experts}")
             if a.num_experts % a.ep_size:
                 raise ConfigError(f"adapter.ep_size={a.ep_size} must divide adapter.num_experts={a.num_experts}")
+        if self.tensorboard.enabled and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("tensorboard.enabled needs the tensorboard package: pip install 'dsmoe[tensorboard]'")
         if not self.data.shards and not self.demo:
             raise ConfigError("data.shards is empty: point it at a directory written by python -m dsmoe.shards")
         if self.demo and self.data.shards and not _inside(self.data.shards, self.demo_dir):

@@ -12,6 +12,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from dsmoe.config import RunConfig, to_dict
@@ -24,9 +25,9 @@ WANDB_PREFIX = {None: "train", "zero_shot": "zero_shot", "val": "val", "test": "
                 "preempted": "run"}
 
 
-def wandb_record(record: dict, routing: dict | None) -> tuple[dict, dict | None]:
-    """The numbers of a metrics.jsonl record as wandb keys (``train/loss``, ``val/R1``, ...), and the routing as
-    rows of a table: (layer, expert, share of that layer's routes)."""
+def prefixed_record(record: dict, routing: dict | None) -> tuple[dict, dict | None]:
+    """The numbers of a metrics.jsonl record as wandb and TensorBoard keys (``train/loss``, ``val/R1``, ...), and
+    the routing as rows of a table: (layer, expert, share of that layer's routes)."""
     prefix = WANDB_PREFIX.get(record.get("event"), str(record.get("event")))
     flat = {f"{prefix}/{k}": v for k, v in record.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("time", "step")}
@@ -36,6 +37,13 @@ def wandb_record(record: dict, routing: dict | None) -> tuple[dict, dict | None]
                  "data": [[layer, expert, count / max(1, sum(counts))]
                           for layer, counts in routing.items() for expert, count in enumerate(counts)]}
     return flat, table
+
+
+def routing_image(routing: dict[str, list[int]], cell: int = 12) -> np.ndarray:
+    """The routing as a grey-level heat-map, one row per layer and one column per expert (white: a layer's every
+    route to that expert), each cell ``cell`` pixels wide: [H, W] floats in [0, 1], as TensorBoard shows images."""
+    shares = np.array([[count / max(1, sum(counts)) for count in counts] for counts in routing.values()])
+    return np.kron(shares, np.ones((cell, cell)))
 
 
 class _NullBar:
@@ -50,20 +58,24 @@ class _NullBar:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, rank: int, cfg: RunConfig, enabled_wandb: bool = False):
+    def __init__(self, run_dir: Path, rank: int, cfg: RunConfig):
         self.rank = rank
         self.path = run_dir / "metrics.jsonl"
-        self.wandb = None
+        self.wandb = self.tensorboard = None
         self.interactive = sys.stdout.isatty()
         if rank != 0:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         logging.basicConfig(level=logging.INFO, format="[dsmoe] %(message)s", stream=sys.stdout, force=True)
-        if enabled_wandb:
+        if cfg.wandb.enabled:
             import wandb
 
             self.wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, mode=cfg.wandb.mode,
                                     dir=str(run_dir), config=to_dict(cfg))
+        if cfg.tensorboard.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
 
     def info(self, message: str) -> None:
         if self.rank == 0:
@@ -92,7 +104,7 @@ class RunLogger:
         return len(lines) - len(kept)
 
     def metrics(self, record: dict, routing: dict | None = None) -> None:
-        """Append one record (plus per-layer routes per expert) to metrics.jsonl and wandb."""
+        """Append one record (plus per-layer routes per expert) to metrics.jsonl, wandb and TensorBoard."""
         if self.rank != 0:
             return
         record = {"time": round(time.time(), 3), **record}
@@ -100,13 +112,19 @@ class RunLogger:
             record["routing"] = routing
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        step = record.get("step")
+        flat, table = prefixed_record(record, routing)
         if self.wandb is not None:
             import wandb
 
-            flat, table = wandb_record(record, routing)
-            if table:
-                flat["routing"] = wandb.Table(columns=table["columns"], data=table["data"])
-            self.wandb.log(flat, step=record.get("step"))
+            tables = {"routing": wandb.Table(columns=table["columns"], data=table["data"])} if table else {}
+            self.wandb.log({**flat, **tables}, step=step)
+        if self.tensorboard is not None:
+            for key, value in flat.items():
+                self.tensorboard.add_scalar(key, value, step)
+            if routing:
+                self.tensorboard.add_image("routing/share", routing_image(routing), step, dataformats="HW")
+            self.tensorboard.flush()
         event = record.get("event")
         if event:
             shown = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in record.items()
@@ -116,6 +134,8 @@ class RunLogger:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 class Pace:

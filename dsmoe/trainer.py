@@ -27,6 +27,7 @@ from dsmoe.faults import RunError
 from dsmoe.files import write_atomic
 from dsmoe.methods import get_method
 from dsmoe.methods.base import Method
+from dsmoe.moe.routing_counts import RoutingCounts
 from dsmoe.optim import warmup_steps, whole_model_trainable
 from dsmoe.preemption import REQUEUE, STOP, PreemptionWatch
 from dsmoe.provenance import config_changes, run_facts
@@ -76,8 +77,9 @@ class Trainer:
         self.evaluator = Evaluator(cfg, self.engine, self.device)
         self.progress = Progress()
         self.started_from = portable_init
-        self.log = RunLogger(self.run_dir, rank, cfg, enabled_wandb=cfg.wandb.enabled)
+        self.log = RunLogger(self.run_dir, rank, cfg)
         self.preemption = PreemptionWatch()
+        self.routing = RoutingCounts()
         train = read_split(cfg.data.shards, cfg.data.train_split)
         self.faults = FaultLog(cfg.data.train_split, train.samples,
                                bad_sample_limit(cfg.data.max_bad_share, cfg.data.max_bad_count, train.samples))
@@ -215,6 +217,7 @@ class Trainer:
                                                dtype=self.dtype)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 out = self.engine(batch)
+                self.routing.add(self.model.expert_counts())
                 self.method.backward(self.engine, out)
                 self.engine.step()
                 prog.batch += 1
@@ -305,23 +308,11 @@ class Trainer:
             record["bad_samples"] = bad_samples
         if self.engine.fp16_enabled():  # dynamic loss scaling: steps with inf/nan gradients are skipped
             record.update(loss_scale=float(self.optimizer.loss_scale), skipped_steps=self.engine.skipped_steps)
-        self.log.metrics(record, routing=self._routing())
+        self.log.metrics(record, routing=self.routing.take())
         if "loss" in scalars:
             bar.set_postfix_str(f"loss {scalars['loss']:.4f}")
         self.log.step_line(step_line(step, self.total_steps, self.progress.epoch, self.cfg.train.epochs, scalars,
                                      lr, pace, peak_memory(self.device)))
-
-    def _routing(self) -> dict[str, list[int]]:
-        """Routes per expert of each MoE layer in the step's last micro-batch, summed over every rank."""
-        counts = self.model.expert_counts()
-        if not counts or self.world_size == 1:
-            return counts
-        flat = torch.tensor([c for layer in counts.values() for c in layer], dtype=torch.int64, device=self.device)
-        dist.all_reduce(flat)
-        values, start, summed = flat.tolist(), 0, {}
-        for name, layer in counts.items():
-            summed[name], start = values[start:start + len(layer)], start + len(layer)
-        return summed
 
     def _end_of_epoch(self) -> None:
         cfg, prog = self.cfg, self.progress

@@ -353,7 +353,7 @@ def test_expert_counts_sum_to_tokens_times_k(dm_model):
     assert set(counts) == {"image.0", "image.1", "text.0", "text.1"}
     for name, per_expert in counts.items():
         assert len(per_expert) == 4
-        assert sum(per_expert) == 2 * (image_tokens if name.startswith("image") else text_tokens), name
+        assert sum(per_expert.tolist()) == 2 * (image_tokens if name.startswith("image") else text_tokens), name
 
 
 def test_only_adapter_parameters_are_trainable(dm_model):

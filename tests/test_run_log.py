@@ -1,17 +1,20 @@
-"""What a run shows and records, in process: progress figures, wandb keys, the whole model's trainable count,
+"""What a run shows and records, in process: progress figures, wandb and TensorBoard keys, the whole model's trainable count,
 stop signals, and the demo recipe refusing real shards."""
 from __future__ import annotations
 
+import importlib.util
+import io
 import os
 import signal
 
 import pytest
+from PIL import Image
 from torch import nn
 
 from dsmoe.config import DEFAULT_DEMO_CONFIG, ConfigError, load_config
 from dsmoe.optim import whole_model_trainable
 from dsmoe.preemption import STOP, PreemptionWatch
-from dsmoe.run_log import Pace, step_line, wandb_record
+from dsmoe.run_log import Pace, RunLogger, prefixed_record, step_line
 
 
 def test_pace_gives_throughput_over_all_ranks_data_wait_and_eta():
@@ -27,15 +30,42 @@ def test_pace_gives_throughput_over_all_ranks_data_wait_and_eta():
 
 
 def test_wandb_keys_say_the_split_and_routing_is_one_table():
-    flat, table = wandb_record({"time": 1.0, "step": 7, "epoch": 0, "loss": 2.0, "lr": 1e-3}, None)
+    flat, table = prefixed_record({"time": 1.0, "step": 7, "epoch": 0, "loss": 2.0, "lr": 1e-3}, None)
     assert flat == {"train/epoch": 0, "train/loss": 2.0, "train/lr": 1e-3} and table is None
-    flat, _ = wandb_record({"event": "val", "split": "val", "step": 18, "R1": 50.0, "incomplete": True}, None)
+    flat, _ = prefixed_record({"event": "val", "split": "val", "step": 18, "R1": 50.0, "incomplete": True}, None)
     assert flat == {"val/R1": 50.0}
-    flat, _ = wandb_record({"event": "zero_shot", "step": 0, "R1": 10.0}, None)
+    flat, _ = prefixed_record({"event": "zero_shot", "step": 0, "R1": 10.0}, None)
     assert flat == {"zero_shot/R1": 10.0}
-    _, table = wandb_record({"step": 1, "loss": 1.0}, {"image.0": [3, 1], "text.0": [0, 4]})
+    _, table = prefixed_record({"step": 1, "loss": 1.0}, {"image.0": [3, 1], "text.0": [0, 4]})
     assert table["columns"] == ["layer", "expert", "share"]
     assert table["data"] == [["image.0", 0, 0.75], ["image.0", 1, 0.25], ["text.0", 0, 0.0], ["text.0", 1, 1.0]]
+
+
+def test_tensorboard_gets_each_record_at_its_step_and_routing_as_a_heat_map(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(None, ["tensorboard.enabled=true"])
+    log = RunLogger(tmp_path, rank=0, cfg=cfg)
+    log.metrics({"event": "zero_shot", "split": "test", "step": 0, "R1": 10.0})
+    log.metrics({"step": 2, "epoch": 0, "loss": 3.0, "lr": 1e-3}, routing={"image.0": [3, 1], "text.0": [0, 4]})
+    log.metrics({"step": 4, "epoch": 0, "loss": 2.5, "lr": 2e-3}, routing={"image.0": [2, 2], "text.0": [4, 0]})
+    log.metrics({"event": "val", "split": "val", "step": 4, "R1": 20.0})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert scalars["train/loss"] == [(2, 3.0), (4, 2.5)]
+    assert scalars["zero_shot/R1"] == [(0, 10.0)] and scalars["val/R1"] == [(4, 20.0)]
+    assert [e.step for e in events.Images("routing/share")] == [2, 4]
+    picture = Image.open(io.BytesIO(events.Images("routing/share")[0].encoded_image_string)).convert("L")
+    assert picture.size == (2 * 12, 2 * 12)  # 2 experts wide, 2 layers high
+    # image.0 sends 3/4 of its routes to expert 0; text.0 all of them to expert 1
+    assert [picture.getpixel((x * 12 + 6, y * 12 + 6)) for y in (0, 1) for x in (0, 1)] == [191, 63, 0, 255]  # 0.75, 0.25, 0 and 1 of 255
+
+
+def test_tensorboard_without_its_package_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="tensorboard.enabled needs the tensorboard package"):
+        load_config(None, ["tensorboard.enabled=true"])
 
 
 def test_trainable_count_is_the_whole_model_at_any_ep_size():

@@ -83,6 +83,11 @@ def test_a_log_file_shows_a_progress_line_at_every_logged_step(demo_assets, dist
     assert [r["step"] for r in steps] == [2, 4]
     assert all(r["samples_per_s"] > 0 and r["step_s"] > 0 and 0 <= r["data_wait"] <= 1 for r in steps)
     assert all("step" in r for r in records(run)), "every record says at which step it was logged"
+    # routing counts the whole interval: 2 steps x 32 samples x top-2 x (33 image tokens: CLS + 8x4 patches, or
+    # 32 text tokens)
+    for r in steps:
+        assert {name: sum(counts) for name, counts in r["routing"].items()} == {
+            "image.0": 4224, "image.1": 4224, "text.0": 4096, "text.1": 4096}
 
 
 def test_a_crash_resumed_run_logs_each_step_once(demo_assets, dist_env, signals, tmp_path):

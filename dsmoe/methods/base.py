@@ -23,8 +23,9 @@ class RetrievalModel(Protocol):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] (or videos [B, N, 3, H, W]) normalised pixels -> [B, D] image features."""
 
-    def expert_counts(self) -> dict[str, list[int]]:
-        """Tokens routed to each expert in the last forward, per MoE layer (empty without experts)."""
+    def expert_counts(self) -> dict[str, torch.Tensor]:
+        """Tokens routed to each expert in the last forward, per MoE layer, on the device (empty without
+        experts)."""
 
 
 class Method:

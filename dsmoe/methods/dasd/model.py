@@ -199,8 +199,8 @@ class DASD(nn.Module):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.backbone.encode_image(pixels)
 
-    def expert_counts(self) -> dict[str, list[int]]:
-        return {f"text.{i}": a.expert_counts.tolist() for i, a in enumerate(self.adapters)
+    def expert_counts(self) -> dict[str, torch.Tensor]:
+        return {f"text.{i}": a.expert_counts for i, a in enumerate(self.adapters)
                 if a.expert_counts is not None}
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:

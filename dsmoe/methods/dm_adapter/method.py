@@ -58,9 +58,9 @@ class DMAdapter(nn.Module):
         """Load-balancing loss of the last forward, summed over every adapted layer."""
         return torch.stack([b.lb_loss.float() for b in self.branches().values()]).sum()
 
-    def expert_counts(self) -> dict[str, list[int]]:
+    def expert_counts(self) -> dict[str, torch.Tensor]:
         """Routes per expert of the last forward, per layer (this rank's tokens)."""
-        return {name: b.expert_counts.tolist() for name, b in self.branches().items()
+        return {name: b.expert_counts for name, b in self.branches().items()
                 if b.expert_counts is not None}
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
