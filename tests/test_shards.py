@@ -19,6 +19,7 @@ from dsmoe.shards.layouts.person import read_person_layout
 from dsmoe.shards.records import RawRecord
 from dsmoe.shards import cli as shards_cli
 from dsmoe.shards.plan import JOURNAL_NAME, REASON_DUPLICATE, REASON_EMPTY_CAPTIONS, REASON_UNKNOWN_SPLIT
+from dsmoe.shards.format import read_split
 from dsmoe.shards.records import ShardWriteError
 from dsmoe.shards.verify import verify_shards
 from dsmoe.shards.workers import REASON_IMAGE_MISSING, REASON_IMAGE_UNREADABLE
@@ -86,11 +87,20 @@ def test_faults_are_reported_with_their_reasons(faulty_root: Path, tmp_path: Pat
     assert verify_shards(tmp_path / "out") == []
 
 
-def test_strict_fails_after_writing(faulty_root: Path, tmp_path: Path) -> None:
+def test_strict_failure_leaves_no_manifest_and_a_rerun_reuses_the_shards(faulty_root: Path, tmp_path: Path) -> None:
     records = read_person_layout("cuhk-pedes", faulty_root)
-    with pytest.raises(ShardWriteError, match=r"3 record\(s\) skipped.*image missing"):
-        write_shards(records, tmp_path / "out", dataset="cuhk-pedes", strict=True)
-    assert verify_shards(tmp_path / "out") == []  # everything that could be written was written
+    out = tmp_path / "out"
+    write_shards(records, out, dataset="cuhk-pedes")
+    with pytest.raises(ShardWriteError, match=r"3 record\(s\) skipped.*image missing.*No manifest was written"):
+        write_shards(records, out, dataset="cuhk-pedes", strict=True)
+    assert not list(out.glob("*.manifest.json")), "not even the earlier run's: they would look complete"
+    with pytest.raises(FileNotFoundError):
+        read_split(out, "train")
+    written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert written
+    write_shards(records, out, dataset="cuhk-pedes")  # without --strict: the shards are reused, not rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == written
+    assert verify_shards(out) == []
     clean = [r for r in records if r.image_path.exists() and any(c.strip() for c in r.captions)]
     clean = [r for i, r in enumerate(clean) if (r.split, r.source) not in {(c.split, c.source) for c in clean[:i]}]
     reports = write_shards(clean, tmp_path / "out2", dataset="cuhk-pedes", strict=True)

@@ -110,8 +110,8 @@ def write_shards(
     Returns a report per split (known splits with input first,
     then unknown split names). With ``workers > 1`` a spawn-context process pool is used; call it under
     ``if __name__ == "__main__":``. Raises :class:`ShardWriteError` for bad options, and with ``strict=True``
-    when any record was skipped or any caption-file entry matched no sample (after everything else has been
-    written).
+    when any record was skipped or any caption-file entry matched no sample: then the shards are written but no
+    manifest is (a re-run reuses the shards).
     """
     resize = _check_options(dataset, samples_per_shard, max_shard_bytes, workers, resize, frames)
     if not records:
@@ -162,6 +162,11 @@ def write_shards(
     finally:
         shutil.rmtree(spill_dir, ignore_errors=True)
 
+    failure = _strict_failure(skips, caption_reports, len(results)) if strict else None
+    if failure:  # the shards stay, listed in the journal for a re-run; no manifest says they are complete
+        for split in KNOWN_SPLITS:
+            manifest_path(out_dir, split).unlink(missing_ok=True)
+        raise failure
     for _, split, source, reason in sorted(skips):
         report = split_report(reports, split)
         report.skipped += 1
@@ -197,17 +202,24 @@ def write_shards(
 
     final = {split: report for split, report in reports.items() if report.inputs > 0}
     assert all(report.balanced for report in final.values()), final
-    unmatched = sum(len(r.get("unmatched", [])) for r in caption_reports)
-    if strict and (skips or unmatched):
-        problems = [f"{split} {source}: {reason}" for _, split, source, reason in sorted(skips)]
-        problems += [f"{r['path']}: {item['image']!r} {item['reason']}" for r in caption_reports
-                     for item in r.get("unmatched", [])]
-        shown = "; ".join(problems[:5])
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        head = f"{len(skips)} record(s) skipped" + (f" and {unmatched} caption entr(ies) unmatched" if unmatched
-                                                    else "")
-        raise ShardWriteError(f"{head} under --strict: {shown}{more}")
     return final
+
+
+def _strict_failure(skips: list[tuple[int, str, str, str]], caption_reports: Sequence[Mapping[str, Any]],
+                    shards: int) -> ShardWriteError | None:
+    """The error of a ``strict`` run that skipped records or left caption entries unmatched (None if clean)."""
+    unmatched = sum(len(r.get("unmatched", [])) for r in caption_reports)
+    if not (skips or unmatched):
+        return None
+    problems = [f"{split} {source}: {reason}" for _, split, source, reason in sorted(skips)]
+    problems += [f"{r['path']}: {item['image']!r} {item['reason']}" for r in caption_reports
+                 for item in r.get("unmatched", [])]
+    shown = "; ".join(problems[:5])
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    head = f"{len(skips)} record(s) skipped" + (f" and {unmatched} caption entr(ies) unmatched" if unmatched else "")
+    return ShardWriteError(f"{head} under --strict: {shown}{more}. No manifest was written, so nothing reads these "
+                           f"shards; a re-run (with the input fixed, or without --strict) reuses the {shards} shards "
+                           f"already written")
 
 
 def format_accounting(reports: Mapping[str, SplitReport]) -> str:
