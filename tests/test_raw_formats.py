@@ -184,6 +184,15 @@ def test_synthetic_pedes_is_cached_by_its_arguments(tmp_path: Path) -> None:
     assert len(json.loads(annotation.read_text())) == sum(TINY.values()) * 3 + 3
 
 
+def test_synthetic_generation_says_how_far_it_is(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    make_synthetic_icfg(tmp_path / "d", num_ids={"train": 4, "test": 2}, images_per_id=2, progress=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("generating a synthetic icfg-pedes dataset in " + str(tmp_path / "d") + ": 12 images")
+    assert re.search(r": done, 12 images in \d+ s$", lines[-1])
+    make_synthetic_icfg(tmp_path / "d", num_ids={"train": 4, "test": 2}, images_per_id=2, progress=True)
+    assert capsys.readouterr().out == "", "a cached dataset is not generated again"
+
+
 def test_synthetic_pedes_has_exactly_the_cuhk_keys(tmp_path: Path) -> None:
     root = _pedes(tmp_path / "e")
     raw = json.loads((root / "reid_raw.json").read_text())

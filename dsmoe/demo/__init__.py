@@ -57,7 +57,7 @@ def prepare_demo(cfg: RunConfig) -> None:
 def prepare_person_demo(demo_dir: str | Path, model: ModelConfig) -> None:
     """The DM-Adapter demo: synthetic CUHK-PEDES layout, its shards, the tiny CLIP."""
     demo_dir = Path(demo_dir)
-    raw = make_synthetic_pedes(demo_dir / "raw")
+    raw = make_synthetic_pedes(demo_dir / "raw", progress=True)
     shards = demo_dir / "shards"
     if not (shards / "test.manifest.json").is_file():
         _make_shards("--dataset", "cuhk-pedes", "--root", str(raw), "--out", str(shards), "--samples-per-shard", "64",

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dsmoe.files import write_atomic
+from dsmoe.progress import Phase
 
 __all__ = [
     "COLOURS",
@@ -389,7 +390,8 @@ def _split_counts(num_ids: Mapping[str, int] | None, default: Mapping[str, int],
 
 
 def _generate(root: Path, *, layout: str, num_ids: dict[str, int], images_per_id: int, captions_per_image: int,
-              image_size: tuple[int, int], seed: int, faults: bool, source_pattern: str) -> list[_Item]:
+              image_size: tuple[int, int], seed: int, faults: bool, source_pattern: str,
+              progress: bool) -> list[_Item]:
     """Render all images and return the annotation items in order (faults included)."""
     if images_per_id < 1 or captions_per_image < 1:
         raise ValueError("images_per_id and captions_per_image must be at least 1")
@@ -398,6 +400,8 @@ def _generate(root: Path, *, layout: str, num_ids: dict[str, int], images_per_id
     identities = make_identities(sum(num_ids.values()), seed)
     by_split: dict[str, list[_Item]] = {}
     first = 0
+    phase = Phase(f"generating a synthetic {layout} dataset in {root}", sum(num_ids.values()) * images_per_id,
+                  "images", enabled=progress)
     for split, count in num_ids.items():
         items: list[_Item] = []
         for identity in identities[first:first + count]:
@@ -406,10 +410,12 @@ def _generate(root: Path, *, layout: str, num_ids: dict[str, int], images_per_id
             for k in range(images_per_id):
                 source = source_pattern.format(pid=identity.pid, index=k + 1)
                 _render_to(root, source, identity, seed, k + 1, image_size)
+                phase.advance()
                 captions = pool[k * captions_per_image:(k + 1) * captions_per_image]
                 items.append(_Item(split, identity.pid, source, captions))
         by_split[split] = items
         first += count
+    phase.close()
     if faults:
         _inject_faults(root, by_split, identities, seed, image_size, source_pattern, layout)
     return [item for split in num_ids for item in by_split[split]]
@@ -478,7 +484,7 @@ def _stamp(layout: str, **kwargs: Any) -> dict[str, Any]:
 
 def _write_layout(root: Path, layout: str, annotation: str, source_pattern: str, counts: dict[str, int],
                   images_per_id: int, captions_per_image: int, image_size: tuple[int, int], seed: int,
-                  faults: bool) -> Path:
+                  faults: bool, progress: bool) -> Path:
     """Generate (or reuse, when the stamp matches) one person-retrieval layout under ``root``."""
     size = (int(image_size[0]), int(image_size[1]))
     stamp = _stamp(layout, num_ids=counts, images_per_id=images_per_id, captions_per_image=captions_per_image,
@@ -487,7 +493,7 @@ def _write_layout(root: Path, layout: str, annotation: str, source_pattern: str,
     def build() -> list[dict[str, Any]]:
         items = _generate(Path(root), layout=layout, num_ids=counts, images_per_id=images_per_id,
                           captions_per_image=captions_per_image, image_size=size, seed=seed, faults=faults,
-                          source_pattern=source_pattern)
+                          source_pattern=source_pattern, progress=progress)
         return _to_json(items, layout)
 
     return _cached_or_build(Path(root), annotation, stamp, build)
@@ -502,15 +508,17 @@ def make_synthetic_pedes(
     image_size: tuple[int, int] = (128, 64),
     seed: int = 0,
     faults: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Write a synthetic dataset in the CUHK-PEDES layout (``reid_raw.json`` + ``imgs/synth/*.jpg``).
 
     ``num_ids`` defaults to ``{"train": 96, "val": 24, "test": 24}``. ``faults=True`` adds one record with a
-    missing image, one with an empty caption and one duplicate. Returns ``root``.
+    missing image, one with an empty caption and one duplicate; ``progress`` reports how far rendering is.
+    Returns ``root``.
     """
     counts = _split_counts(num_ids, {"train": 96, "val": 24, "test": 24}, SPLITS)
     return _write_layout(root, "cuhk-pedes", "reid_raw.json", "synth/{pid:04d}_{index:02d}.jpg", counts,
-                         images_per_id, captions_per_image, image_size, seed, faults)
+                         images_per_id, captions_per_image, image_size, seed, faults, progress)
 
 
 def make_synthetic_icfg(
@@ -521,6 +529,7 @@ def make_synthetic_icfg(
     image_size: tuple[int, int] = (128, 64),
     seed: int = 0,
     faults: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Write a synthetic dataset in the ICFG-PEDES layout (``ICFG-PEDES.json``, train/test, one caption each).
 
@@ -528,7 +537,7 @@ def make_synthetic_icfg(
     """
     counts = _split_counts(num_ids, {"train": 96, "test": 24}, ("train", "test"))
     return _write_layout(root, "icfg-pedes", "ICFG-PEDES.json", "synth/{pid:04d}/{pid:04d}_{index:02d}.jpg", counts,
-                         images_per_id, 1, image_size, seed, faults)
+                         images_per_id, 1, image_size, seed, faults, progress)
 
 
 def make_synthetic_rstpreid(
@@ -540,6 +549,7 @@ def make_synthetic_rstpreid(
     image_size: tuple[int, int] = (128, 64),
     seed: int = 0,
     faults: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Write a synthetic dataset in the RSTPReid layout (``data_captions.json`` with ``img_path``).
 
@@ -547,4 +557,4 @@ def make_synthetic_rstpreid(
     """
     counts = _split_counts(num_ids, {"train": 96, "val": 24, "test": 24}, SPLITS)
     return _write_layout(root, "rstpreid", "data_captions.json", "{pid:04d}_c{index:d}.jpg", counts, images_per_id,
-                         captions_per_image, image_size, seed, faults)
+                         captions_per_image, image_size, seed, faults, progress)
