@@ -68,6 +68,15 @@ def is_portable(path: str | Path) -> bool:
     return Path(path).suffix == ".safetensors"
 
 
+def run_config_for(checkpoint: str | Path) -> Path | None:
+    """The config a checkpoint was trained with: ``config.yaml`` of its run (given the run, checkpoints or tag
+    directory), or ``<name>.yaml`` beside exported adapters; None when there is none."""
+    path = Path(checkpoint)
+    candidates = [path.with_suffix(".yaml")] if is_portable(path) else \
+        [path / "config.yaml", path.parent / "config.yaml", path.parent.parent / "config.yaml"]
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
+
+
 def check_checkpoint(path: str | Path) -> None:
     """Raise ``FileNotFoundError`` unless ``path`` is a portable adapters file or holds a complete checkpoint."""
     path = Path(path)

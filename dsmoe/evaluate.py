@@ -13,25 +13,21 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsmoe.cli import add_common_arguments  # noqa: E402
-from dsmoe.checkpoint import check_checkpoint  # noqa: E402
+from dsmoe.cli import RUN_CONFIG, add_config_arguments, add_launcher_arguments  # noqa: E402
+from dsmoe.checkpoint import check_checkpoint, run_config_for  # noqa: E402
 from dsmoe.config import ConfigError, load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    add_common_arguments(parser)
+    add_config_arguments(parser, RUN_CONFIG)
+    add_launcher_arguments(parser)
     parser.add_argument("--checkpoint", required=True,
                         help="run directory, checkpoints directory, tag directory or exported .safetensors file")
     parser.add_argument("--split", default=None, help="split to score (default: data.test_split)")
     parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
-    config = args.config
-    checkpoint = Path(args.checkpoint)
-    for candidate in (checkpoint / "config.yaml", checkpoint.with_suffix(".yaml") if checkpoint.suffix ==
-                      ".safetensors" else None):
-        if config is None and candidate is not None and candidate.is_file():
-            config = candidate
+    config = args.config or run_config_for(args.checkpoint)
     try:
         cfg = load_config(config, args.set)
         check_checkpoint(args.checkpoint)

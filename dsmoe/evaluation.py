@@ -35,10 +35,22 @@ class SplitFeatures:
 
 
 @dataclass
+class Gallery:
+    """A split's images to retrieve from, in split order: L2-normalised features (as ``SplitFeatures.images``) and
+    each sample's split index, label, shard key and captions by language."""
+
+    features: torch.Tensor  # [N, D]
+    labels: torch.Tensor  # [N]
+    indices: list[int]
+    keys: list[str]
+    captions: list[dict[str, list[str]]]
+
+
+@dataclass
 class _ImagePass:
     features: torch.Tensor  # every rank's, normalised, in split order
     labels: torch.Tensor
-    local: list[tuple[int, int, dict[str, list[str]]]]  # this rank's samples: (split index, label, captions)
+    local: list[tuple[int, int, dict[str, list[str]], str]]  # this rank's samples: (split index, label, captions, key)
 
 
 class Evaluator:
@@ -59,6 +71,19 @@ class Evaluator:
             return method.evaluate(self, split)
         finally:
             self._images.clear()
+
+    def gallery(self, split: str) -> Gallery:
+        """The split's images with what identifies each (every rank's samples, on every rank)."""
+        self._images.clear()
+        try:
+            images = self._image_pass(split)
+        finally:
+            self._images.clear()
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, images.local)
+        samples = sorted((sample for part in parts for sample in part), key=lambda sample: sample[0])
+        return Gallery(images.features, images.labels, [s[0] for s in samples], [s[3] for s in samples],
+                       [s[2] for s in samples])
 
     @property
     def sharing(self) -> dict:
@@ -90,7 +115,7 @@ class Evaluator:
         caption's label is its image's (person id, or image id for image-text data).
         """
         images = self._image_pass(split)
-        captions = [(text, label, index) for index, label, by_language in images.local
+        captions = [(text, label, index) for index, label, by_language, _ in images.local
                     for text in by_language.get(language, [])]
         size = self.cfg.train.eval_batch_size
         chunks = (captions[i:i + size] for i in range(0, len(captions), size))
@@ -131,7 +156,7 @@ class Evaluator:
             width = feats.shape[1]
             if real:
                 features.append(feats)
-                local += zip(batch["index"].tolist(), batch["pid"].tolist(), batch["captions"])
+                local += zip(batch["index"].tolist(), batch["pid"].tolist(), batch["captions"], batch["key"])
         self.engine.train()
         phase.close()
         gathered: list = [None] * self.world_size

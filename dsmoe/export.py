@@ -13,7 +13,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsmoe.checkpoint import check_checkpoint  # noqa: E402
+from dsmoe.checkpoint import check_checkpoint, run_config_for  # noqa: E402
+from dsmoe.cli import RUN_CONFIG, add_config_arguments  # noqa: E402
 from dsmoe.config import ConfigError, load_config  # noqa: E402
 from dsmoe.launcher import launched_world_size  # noqa: E402
 
@@ -22,16 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints directory or tag directory")
     parser.add_argument("--output", required=True, help="the .safetensors file to write (config: same name, .yaml)")
-    parser.add_argument("--config", default=None, help="model YAML (default: the run directory's config.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser, RUN_CONFIG)
     args = parser.parse_args(argv)
     if not args.output.endswith(".safetensors"):
         print("error: --output must end in .safetensors", file=sys.stderr)
         return 2
-    config = args.config or next((str(p) for p in (Path(args.checkpoint) / "config.yaml",
-                                                   Path(args.checkpoint).parent / "config.yaml",
-                                                   Path(args.checkpoint).parent.parent / "config.yaml")
-                                  if p.is_file()), None)
+    config = args.config or run_config_for(args.checkpoint)
     try:
         cfg = load_config(config, args.set)
         if launched_world_size() != 1:

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from dsmoe.checkpoint import resolve_checkpoint
 from dsmoe.ds_config import DeviceSupport
 from launch import (LAUNCH_TIMEOUT, REPO_ROOT, cpu_fp16_env, free_port, latest_tag, launch_env, logged_losses,
                    logged_records, run_ok, train_cmd)
@@ -154,6 +155,17 @@ def test_dasd_language_experts_sharded_over_two_ranks(dasd_assets, tmp_path):
     single = json.loads(proc.stdout[proc.stdout.index("{"):])
     best = json.loads((run / "cma" / "results.json").read_text())["test"]
     assert single["mAR"] == pytest.approx(best["mAR"], abs=1e-3)
+
+    # queries in the second target language, from another directory: each caption's own image is marked
+    proc = subprocess.run([sys.executable, "-m", "dsmoe.retrieve", "--checkpoint", str(run / "cma"), "--language",
+                           "yy", "--split-captions", "3", "--top-k", "24"], cwd=tmp_path, env=launch_env(),
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    blocks = proc.stdout.split("query: ")[1:]
+    assert len(blocks) == 3 and all("(1 true images; the first at rank" in block for block in blocks)
+    assert all(block.count("  match") == 1 and block.count(" label ") == 24 for block in blocks)
+    page = run / "cma" / "retrieval" / resolve_checkpoint(run / "cma")[1] / "results.html"
+    assert f"results page: {page}" in proc.stdout and page.read_text().count("class='hit match'") == 3
 
 
 def test_dasd_trains_in_fp16_with_loss_scaling(dasd_assets, tmp_path):

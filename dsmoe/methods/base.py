@@ -1,7 +1,7 @@
 """What the training loop needs from a method (``Method``) and from the model it builds (``RetrievalModel``)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from torch import nn
@@ -54,6 +54,12 @@ class Method:
 
     def backward(self, engine, out: dict) -> None:
         engine.backward(out["loss"])
+
+    def query_encoder(self, model: RetrievalModel, language: str) -> tuple[Callable[[list[str]], dict],
+                                                                           Callable[[dict], torch.Tensor]]:
+        """How captions in ``language`` (one of ``train_languages``) become text features: (captions -> a batch
+        of tensors, that batch on the model's device -> [B, D] features)."""
+        raise NotImplementedError
 
     def evaluate(self, evaluator: Evaluator, split: str) -> dict:
         raise NotImplementedError

@@ -74,16 +74,19 @@ class DASDMethod(Method):
         out["adversarial"] = fool.detach()
         engine.backward(out["loss"] + self.settings.adversarial_weight * fool)
 
-    def evaluate(self, evaluator, split: str) -> dict:
-        model = evaluator.model
-        result: dict = {}
-        for index, lang in enumerate(self.languages):
-            def encode(captions: list[str], index=index) -> dict:
-                encoded = self.target.encode(captions)
-                return {"text": encoded.ids, "eot": encoded.eot, "language": torch.full((len(captions),), index)}
+    def query_encoder(self, model: DASD, language: str):
+        index = self.languages.index(language)
 
-            report = recall_report(evaluator, split, lang, encode,
-                                   lambda b: model.encode_text(b["text"], b["eot"], b["language"]))
+        def encode(captions: list[str]) -> dict:
+            encoded = self.target.encode(captions)
+            return {"text": encoded.ids, "eot": encoded.eot, "language": torch.full((len(captions),), index)}
+
+        return encode, lambda b: model.encode_text(b["text"], b["eot"], b["language"])
+
+    def evaluate(self, evaluator, split: str) -> dict:
+        result: dict = {}
+        for lang in self.languages:
+            report = recall_report(evaluator, split, lang, *self.query_encoder(evaluator.model, lang))
             result[f"AR_{lang}"] = report["AR"]
             result[lang] = report
         result["mAR"] = sum(result[f"AR_{lang}"] for lang in self.languages) / len(self.languages)
@@ -121,14 +124,16 @@ class EnglishFinetuneMethod(Method):
     def train_texts(self) -> CaptionPairs:
         return CaptionPairs(self.english, SOURCE_LANGUAGE)
 
-    def evaluate(self, evaluator, split: str) -> dict:
-        model = evaluator.model
-
+    def query_encoder(self, model: EnglishCLIP, language: str):
         def encode(captions: list[str]) -> dict:
             encoded = self.english.encode(captions)
             return {"text": encoded.ids, "eot": encoded.eot}
 
-        report = recall_report(evaluator, split, SOURCE_LANGUAGE, encode, lambda b: model.encode_text(b["text"], b["eot"]))
+        return encode, lambda b: model.encode_text(b["text"], b["eot"])
+
+    def evaluate(self, evaluator, split: str) -> dict:
+        report = recall_report(evaluator, split, SOURCE_LANGUAGE,
+                               *self.query_encoder(evaluator.model, SOURCE_LANGUAGE))
         return {"AR_en": report["AR"], "en": report}
 
     def on_finish(self, model: EnglishCLIP, run_dir, rank: int) -> None:

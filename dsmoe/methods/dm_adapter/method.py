@@ -90,13 +90,14 @@ class DMAdapterMethod(Method):
     def train_texts(self) -> CaptionPairs:
         return CaptionPairs(self.captions, SOURCE_LANGUAGE, DMAdapterConfig.of(self.cfg).caption_corruption)
 
-    def evaluate(self, evaluator, split: str) -> dict:
-        model = evaluator.model
-
+    def query_encoder(self, model: DMAdapter, language: str):
         def encode(captions: list[str]) -> dict:
             encoded = self.captions.encode(captions)
             return {"text": encoded.ids, "eot": encoded.eot}
 
-        f = evaluator.features(split, SOURCE_LANGUAGE, encode, lambda b: model.encode_text(b["text"], b["eot"]))
+        return encode, lambda b: model.encode_text(b["text"], b["eot"])
+
+    def evaluate(self, evaluator, split: str) -> dict:
+        f = evaluator.features(split, SOURCE_LANGUAGE, *self.query_encoder(evaluator.model, SOURCE_LANGUAGE))
         metrics = rank_metrics_from_features(f.texts, f.text_labels, f.images, f.image_labels, **evaluator.sharing)
         return {**metrics, "images": int(f.images.shape[0]), "captions": int(f.texts.shape[0])}
