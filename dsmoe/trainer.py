@@ -80,6 +80,9 @@ class Trainer:
         self.log = RunLogger(self.run_dir, rank, cfg)
         self.preemption = PreemptionWatch()
         self.routing = RoutingCounts()
+        if portable_init:
+            self.log.info(f"initialised the trainable weights from {portable_init} (exported adapters: all "
+                          f"{self.trainable_count:,} trainable parameters)")
         train = read_split(cfg.data.shards, cfg.data.train_split)
         self.faults = FaultLog(cfg.data.train_split, train.samples,
                                bad_sample_limit(cfg.data.max_bad_share, cfg.data.max_bad_count, train.samples))

@@ -27,7 +27,8 @@ def installed(tmp_path_factory) -> Path:
     assert "dsmoe/ds_configs/zero2.json" in names and "dsmoe/configs/dm_adapter/demo.yaml" in names
     assert not any(n.startswith(("tests/", "tools/")) for n in names)
     for script in ("dsmoe-train = dsmoe.train:main", "dsmoe-evaluate = dsmoe.evaluate:main",
-                   "dsmoe-export = dsmoe.export:main", "dsmoe-shards = dsmoe.shards.cli:main"):
+                   "dsmoe-export = dsmoe.export:main", "dsmoe-shards = dsmoe.shards.cli:main",
+                   "dsmoe-retrieve = dsmoe.retrieve:main", "dsmoe-report = dsmoe.report:main"):
         assert script in entry_points
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(root / "site"),
                     str(wheel)], check=True, capture_output=True)

@@ -223,3 +223,17 @@ def test_pruning_keeps_as_many_folders_as_asked_pointers_first(tmp_path):
     assert sorted(p.name for p in root.glob("step*")) == ["step00000002", "step00000008"]
     prune(root, 1)
     assert sorted(p.name for p in root.glob("step*")) == ["step00000008"]
+
+
+def test_evaluate_and_export_help_say_what_they_read_and_refuse_training_flags(capsys):
+    from dsmoe import evaluate, export
+
+    for command in (evaluate, export):
+        with pytest.raises(SystemExit):
+            command.main(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--config CONFIG model YAML (default: the run's config.yaml, or <name>.yaml beside exported" in text
+        assert "--set KEY=VALUE override a YAML value" in text and "--ds_config" not in text
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main(["--checkpoint", "runs/x", "--ds_config", "zero2.json"])
+    assert stopped.value.code == 2 and "unrecognized arguments: --ds_config" in capsys.readouterr().err

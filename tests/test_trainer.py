@@ -57,13 +57,16 @@ def test_preemption_saves_where_the_run_is_and_a_restart_resumes_there(demo_asse
     assert "test" in restarted.train()
 
 
-def test_training_starts_from_exported_adapters_at_another_layout(demo_assets, dist_env, signals, tmp_path):
+def test_training_starts_from_exported_adapters_at_another_layout(demo_assets, dist_env, signals, tmp_path, capsys):
     from dsmoe.portable import save_portable
 
     source = make_trainer(demo_assets, tmp_path / "source", "train.max_steps=2")
     source.train()
     weights = save_portable(source.model, source.cfg, tmp_path / "adapters.safetensors", "test")
+    capsys.readouterr()
     started = make_trainer(demo_assets, tmp_path / "started", "train.max_steps=1", portable_init=str(weights))
+    assert (f"initialised the trainable weights from {weights} (exported adapters: all "
+            f"{started.trainable_count:,} trainable parameters)") in capsys.readouterr().out
     trained = {n: p.detach().clone() for n, p in source.model.named_parameters() if p.requires_grad}
     loaded = {n: p.detach() for n, p in started.model.named_parameters() if p.requires_grad}
     assert trained.keys() == loaded.keys() and all((trained[n] == loaded[n]).all() for n in trained)
