@@ -27,7 +27,8 @@ from dsmoe.checkpoint import check_checkpoint, is_portable, resolve_checkpoint, 
 from dsmoe.cli import RUN_CONFIG, add_config_arguments  # noqa: E402
 from dsmoe.config import ConfigError, RunConfig, load_config  # noqa: E402
 from dsmoe.launcher import launched_world_size  # noqa: E402
-from dsmoe.shards.format import manifest_path, read_split  # noqa: E402
+from dsmoe.shards.format import manifest_address, read_split  # noqa: E402
+from dsmoe.shards.location import read_bytes  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -76,7 +77,7 @@ def gallery_stamp(cfg: RunConfig, checkpoint: str | Path, split: str) -> dict:
         root, tag = resolve_checkpoint(path)
         weights = root / tag / "COMPLETE"
     shards = cfg.data.eval_shards or cfg.data.shards
-    manifest = manifest_path(shards, split).read_bytes()
+    manifest = read_bytes(manifest_address(shards, split))
     return {"version": GALLERY_VERSION, "weights": str(weights.resolve()), "written": weights.stat().st_mtime_ns,
             "manifest": hashlib.sha256(manifest).hexdigest(), "split": split, "image_size": list(cfg.model.image_size)}
 

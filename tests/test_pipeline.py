@@ -261,6 +261,58 @@ def test_resume_continues_on_the_same_batches(shard_dir, encoder, workers, start
             assert torch.equal(a[key], b[key]), f"batch {start + i}: {key} differs after resuming at {start}"
 
 
+class _CountedFile:
+    """A file whose reads add to ``counter``."""
+
+    def __init__(self, f, counter: list[int]):
+        self.f, self.counter = f, counter
+
+    def read(self, *args):
+        data = self.f.read(*args)
+        self.counter[0] += len(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_a_resumed_stream_seeks_over_the_images_it_skips(encoder, tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    from dsmoe.shards import location
+
+    raw = make_synthetic_pedes(tmp_path / "raw", num_ids={"train": 6}, images_per_id=2, image_size=(256, 128))
+    write_shards(read_person_layout("cuhk-pedes", raw), tmp_path / "shards", dataset="cuhk-pedes",
+                 samples_per_shard=4)
+    stream, random_access = location.open_stream, location.open_random
+    counter = [0]
+
+    @contextmanager
+    def counted_stream(address, **kw):
+        with stream(address, **kw) as f:
+            yield _CountedFile(f, counter)
+
+    monkeypatch.setattr(location, "open_stream", counted_stream)
+    monkeypatch.setattr(location, "open_random", lambda address: _CountedFile(random_access(address), counter))
+    cfg = TrainStreamConfig(shard_dir=str(tmp_path / "shards"), split="train", image_size=(64, 32), micro_batch=2,
+                            batches_per_epoch=12, rank=0, world_size=1, seed=3, shuffle_buffer=3)
+    fresh = list(TrainStream(cfg, encoder, epoch=0))
+    read_fresh, counter[0] = counter[0], 0
+    resumed = list(TrainStream(cfg, encoder, epoch=0, start_batch=10))
+    for a, b in zip(fresh[10:], resumed, strict=True):
+        for key in ("pid", "text", "image", "erase"):
+            assert torch.equal(a[key], b[key])
+    # the fresh stream read 12 images of ~10 kB; the resumed one headers, captions and the images it trained on
+    images = sum(p.stat().st_size for p in (tmp_path / "shards").glob("train-*.tar"))
+    assert read_fresh >= 0.9 * images and counter[0] < 0.5 * read_fresh, (read_fresh, counter[0], images)
+
+
 def test_resume_past_the_end_yields_nothing(shard_dir, encoder):
     cfg = _stream(shard_dir, batches=3)
     assert list(TrainStream(cfg, encoder, epoch=0, start_batch=3)) == []

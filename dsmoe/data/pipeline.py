@@ -4,7 +4,9 @@ Training: each rank x DataLoader-worker slot reads its own shards (or, with fewe
 every shard keeping every n-th sample), expands each image to one pair per caption, shuffles in a
 buffer, and yields a fixed number of batches per epoch, so every rank takes the same number of steps
 (collectives never hang). All randomness derives from (seed, epoch, slot, sample key), so a resumed run
-skips the batches it already took (before any image is decoded) and continues on the same data.
+replays the batches it already took without their images (it reads the tar headers and captions and seeks over
+the media: ``MediaRef``, read later only for pairs still in the shuffle buffer) and continues on the same data.
+Shards are local files, URLs or pipe: commands (``dsmoe.shards.location``).
 
 Evaluation: every image and caption of a split is read exactly once across all ranks.
 
@@ -18,15 +20,17 @@ import json
 import random
 import signal
 import tarfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from dsmoe.data.faults import SampleError, SampleFault
+from dsmoe.shards import location
 from dsmoe.shards.format import SOURCE_LANGUAGE, frame_member, read_split, sample_label
 from dsmoe.data.text import CaptionEncoder
 from dsmoe.data.transforms import NO_ERASE, decode_rgb, eval_transform, train_transform
@@ -63,38 +67,100 @@ def _decode(media: bytes | list[bytes], transform) -> torch.Tensor:
     return transform(decode_rgb(media))
 
 
-def shard_samples(path: Path, expected: int, faults: list[SampleFault],
-                  owns=lambda position: True) -> Iterator[tuple[int, dict]]:
-    """(position, raw sample) of one shard, in order; members are never unpickled.
+def shard_samples(path: str, expected: int, faults: list[SampleFault], owns=lambda position: True,
+                  skip_media: Callable[[], bool] | None = None) -> Iterator[tuple[int, dict]]:
+    """(position, raw sample) of one shard (a local path, URL or pipe: command), in order; members are never
+    unpickled. While ``skip_media()`` is true, a seekable shard's media members are not read: they are
+    ``MediaRef``s, read later if needed (``load_media``).
 
-    Whatever stops the tar short (truncation, garbage, an empty file) ends the shard: each of its ``expected``
-    samples not read becomes a fault, for the positions ``owns`` says are this reader's.
+    A remote shard that fails part-way is opened again (``location.RETRIES`` times) and read on from where it
+    failed. Whatever else stops the tar short (truncation, garbage, an empty file) ends the shard: each of its
+    ``expected`` samples not read becomes a fault, for the positions ``owns`` says are this reader's.
     """
-    name = Path(str(path)).name
-    position, error = 0, ""
-    try:
-        with open(path, "rb") as stream:
-            current: dict | None = None
-            for member in tar_file_iterator(stream):
-                key, ext = base_plus_ext(member["fname"])
-                if key is None:
-                    continue
-                if current is not None and key != current["__key__"]:
-                    yield position, current
-                    position += 1
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__shard__": name}
-                current[ext.lower()] = member["data"]
-            if current is not None:
-                yield position, current
-                position += 1
-    except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
-        error = f" ({type(exc).__name__}: {str(exc).split(' @ ')[0]})"
+    name = location.file_name(path)
+    position, error, retries = 0, "", 0 if location.is_local(path) else location.RETRIES
+    while True:
+        try:
+            with _members(path, skip_media) as members:
+                for index, sample in enumerate(_grouped(members, name)):
+                    if index >= position:  # after a retry: the samples before were already given
+                        yield position, sample
+                        position += 1
+            break
+        except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
+            error = f" ({type(exc).__name__}: {str(exc).split(' @ ')[0]})"
+            if retries == 0 or isinstance(exc, FileNotFoundError):
+                break
+            retries -= 1
+            time.sleep(location.RETRY_WAIT)
     problem = f"unreadable: the tar ends after {position} of {expected} samples{error}"
     if position > expected and owns(expected):
         faults.append(SampleFault(name, expected, f"the shard holds {position} samples, its manifest {expected}"))
     faults.extend(SampleFault(name, p, problem) for p in range(position, expected) if owns(p))
+
+
+@dataclass(frozen=True)
+class MediaRef:
+    """Where a member's bytes are in its shard: a resumed stream seeks past the media of the samples it skips."""
+
+    address: str
+    offset: int
+    size: int
+
+
+@contextmanager
+def _members(path: str, skip_media: Callable[[], bool] | None) -> Iterator[Iterator[dict]]:
+    """The tar members of a shard as ``{"fname", "data"}``, read through (or, with ``skip_media``, from a seekable
+    file: header by header, the media's bytes left where they are while ``skip_media()``)."""
+    seekable = location.open_random(path) if skip_media is not None else None
+    if seekable is None:
+        with location.open_stream(path) as stream:
+            yield tar_file_iterator(stream)
+        return
+    with seekable, tarfile.open(fileobj=seekable, mode="r:") as tar:
+        def members() -> Iterator[dict]:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                if skip_media() and not info.name.endswith(".json"):
+                    data = MediaRef(path, info.offset_data, info.size)
+                else:
+                    data = tar.extractfile(info).read()
+                yield {"fname": info.name, "data": data}
+        yield members()
+
+
+def load_media(media, files: dict) -> bytes | list[bytes]:
+    """``media`` with every ``MediaRef`` read (``files``: address -> open seekable file, kept for later reads)."""
+    if isinstance(media, list):
+        return [load_media(item, files) for item in media]
+    if not isinstance(media, MediaRef):
+        return media
+    if media.address not in files:
+        files[media.address] = location.open_random(media.address)
+    f = files[media.address]
+    f.seek(media.offset)
+    data = f.read(media.size)
+    if len(data) != media.size:
+        raise EOFError(f"{location.file_name(media.address)} ends inside a member")
+    return data
+
+
+def _grouped(members: Iterator[dict], shard: str) -> Iterator[dict]:
+    """Consecutive tar members sharing a key as one sample: ``{"__key__", "__shard__", ext: bytes, ...}``."""
+    current: dict | None = None
+    for member in members:
+        key, ext = base_plus_ext(member["fname"])
+        if key is None:
+            continue
+        if current is not None and key != current["__key__"]:
+            yield current
+            current = None
+        if current is None:
+            current = {"__key__": key, "__shard__": shard}
+        current[ext.lower()] = member["data"]
+    if current is not None:
+        yield current
 
 
 def _slot() -> tuple[int, int]:
@@ -192,6 +258,8 @@ class TrainStream(IterableDataset):
         self.info = read_split(cfg.shard_dir, cfg.split)
         self.known_bad = set(known_bad)
         self.faults: list[SampleFault] = []  # found since the last batch was yielded
+        self._skipping = False  # taking the batches a resumed run already trained on: media are not read
+        self._files: dict = {}  # shards opened to read media skipped over (load_media)
 
     def _pairs(self, slot: int, slots: int, cycle: int) -> Iterator[Pair]:
         shards = list(zip(self.info.shards, self.info.shard_samples))
@@ -205,7 +273,8 @@ class TrainStream(IterableDataset):
             def owns(position: int, base: int = base) -> bool:
                 return keep is None or (base + position) % slots == keep
 
-            for position, sample in shard_samples(path, expected, self.faults, owns):
+            skip_media = (lambda: self._skipping) if self._skipping else None
+            for position, sample in shard_samples(path, expected, self.faults, owns, skip_media):
                 if not owns(position):
                     continue
                 try:
@@ -255,12 +324,19 @@ class TrainStream(IterableDataset):
         mine = range(role, cfg.batches_per_epoch, workers)
         skip = len(range(role, min(self.start_batch, cfg.batches_per_epoch), workers))
         pairs = self._shuffled(slot, slots)
-        for _ in range(skip):  # the batches already taken, without decoding anything
+        self._skipping = True
+        for _ in range(skip):  # the batches already taken, without reading or decoding any image
             self._take(pairs, decode=False)
-        for _ in range(len(mine) - skip):
-            batch = self._collate(*self._take(pairs, decode=cfg.load_images))
-            batch["faults"], self.faults = self.faults, []
-            yield batch
+        self._skipping = False
+        try:
+            for _ in range(len(mine) - skip):
+                batch = self._collate(*self._take(pairs, decode=cfg.load_images))
+                batch["faults"], self.faults = self.faults, []
+                yield batch
+        finally:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
 
     def _take(self, pairs: Iterator[Pair], decode: bool) -> tuple[list[Pair], list[torch.Tensor], list[tuple]]:
         """The next micro-batch of usable pairs (their decoded uint8 images and erase boxes): a pair whose image does
@@ -285,8 +361,9 @@ class TrainStream(IterableDataset):
 
     def _decode_pair(self, pair: Pair) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         cfg = self.cfg
+        media = load_media(pair.media, self._files)  # read now if the stream skipped over it
         if not cfg.augment:
-            return _decode(pair.media, lambda img: eval_transform(img, cfg.image_size)), NO_ERASE
+            return _decode(media, lambda img: eval_transform(img, cfg.image_size)), NO_ERASE
         state = _rng(cfg.seed, self.epoch, pair.key, pair.c, "image").getstate()
         boxes = []
 
@@ -296,7 +373,7 @@ class TrainStream(IterableDataset):
             image, box = train_transform(img, cfg.image_size, rng, erasing_p=cfg.erasing_p)
             boxes.append(box)
             return image
-        return _decode(pair.media, transform), boxes[0]
+        return _decode(media, transform), boxes[0]
 
     def _collate(self, pairs: list[Pair], images: list[torch.Tensor], boxes: list[tuple]) -> dict:
         cfg = self.cfg

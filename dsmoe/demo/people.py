@@ -98,10 +98,6 @@ class Identity:
         )
 
 
-def _distance(a: tuple[str, ...], b: tuple[str, ...]) -> int:
-    return sum(x != y for x, y in zip(a, b, strict=True))
-
-
 def _random_identity(rng: random.Random, pid: int) -> Identity:
     gender = rng.choice(("man", "woman"))
     lower = rng.choice(("trousers", "shorts", "skirt") if gender == "woman" else ("trousers", "shorts"))
@@ -122,20 +118,33 @@ def _random_identity(rng: random.Random, pid: int) -> Identity:
     )
 
 
-def make_identities(count: int, seed: int = 0) -> list[Identity]:
-    """Draw ``count`` identities whose visual attributes pairwise differ in at least two places."""
+def make_identities(count: int, seed: int = 0, min_distance: int = 2) -> list[Identity]:
+    """Draw ``count`` identities whose visual attributes pairwise differ in at least ``min_distance`` (1 or 2)
+    places (2 keeps every pair of people told apart by two attributes; past a few thousand people only 1 works)."""
+    if min_distance not in (1, 2):
+        raise ValueError(f"min_distance must be 1 or 2, found {min_distance!r}")
     rng = random.Random(f"dsmoe-synthetic-identities-{seed}")
     chosen: list[Identity] = []
+    # (min_distance 2) A candidate is one attribute away from a chosen key iff they agree once that attribute is
+    # blanked: each chosen key is stored blanked in every position, so the check costs one look-up per attribute,
+    # not one per identity.
+    blanked: set[tuple[str, ...]] = set()
     attempts = 0
     while len(chosen) < count:
         attempts += 1
         if attempts > 200 * count + 10_000:
             raise ValueError(f"cannot draw {count} distinct synthetic identities; ask for fewer")
         candidate = _random_identity(rng, pid=len(chosen) + 1)
-        key = candidate.visual_key()
-        if all(_distance(key, other.visual_key()) >= 2 for other in chosen):
+        variants = _blanked(candidate.visual_key()) if min_distance == 2 else [candidate.visual_key()]
+        if blanked.isdisjoint(variants):
             chosen.append(candidate)
+            blanked.update(variants)
     return chosen
+
+
+def _blanked(key: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """``key`` with each attribute in turn replaced by a blank."""
+    return [key[:i] + ("\0",) + key[i + 1:] for i in range(len(key))]
 
 
 # ----------------------------------------------------------------------------------------------- rendering
@@ -391,13 +400,13 @@ def _split_counts(num_ids: Mapping[str, int] | None, default: Mapping[str, int],
 
 def _generate(root: Path, *, layout: str, num_ids: dict[str, int], images_per_id: int, captions_per_image: int,
               image_size: tuple[int, int], seed: int, faults: bool, source_pattern: str,
-              progress: bool) -> list[_Item]:
+              progress: bool, min_distance: int = 2) -> list[_Item]:
     """Render all images and return the annotation items in order (faults included)."""
     if images_per_id < 1 or captions_per_image < 1:
         raise ValueError("images_per_id and captions_per_image must be at least 1")
     if len(image_size) != 2 or min(image_size) < 16:
         raise ValueError(f"image_size must be (H, W) with both at least 16, found {image_size!r}")
-    identities = make_identities(sum(num_ids.values()), seed)
+    identities = make_identities(sum(num_ids.values()), seed, min_distance)
     by_split: dict[str, list[_Item]] = {}
     first = 0
     phase = Phase(f"generating a synthetic {layout} dataset in {root}", sum(num_ids.values()) * images_per_id,
@@ -484,16 +493,17 @@ def _stamp(layout: str, **kwargs: Any) -> dict[str, Any]:
 
 def _write_layout(root: Path, layout: str, annotation: str, source_pattern: str, counts: dict[str, int],
                   images_per_id: int, captions_per_image: int, image_size: tuple[int, int], seed: int,
-                  faults: bool, progress: bool) -> Path:
+                  faults: bool, progress: bool, min_distance: int = 2) -> Path:
     """Generate (or reuse, when the stamp matches) one person-retrieval layout under ``root``."""
     size = (int(image_size[0]), int(image_size[1]))
     stamp = _stamp(layout, num_ids=counts, images_per_id=images_per_id, captions_per_image=captions_per_image,
-                   image_size=list(size), seed=seed, faults=faults)
+                   image_size=list(size), seed=seed, faults=faults,
+                   **({"min_distance": min_distance} if min_distance != 2 else {}))
 
     def build() -> list[dict[str, Any]]:
         items = _generate(Path(root), layout=layout, num_ids=counts, images_per_id=images_per_id,
                           captions_per_image=captions_per_image, image_size=size, seed=seed, faults=faults,
-                          source_pattern=source_pattern, progress=progress)
+                          source_pattern=source_pattern, progress=progress, min_distance=min_distance)
         return _to_json(items, layout)
 
     return _cached_or_build(Path(root), annotation, stamp, build)
@@ -509,16 +519,18 @@ def make_synthetic_pedes(
     seed: int = 0,
     faults: bool = False,
     progress: bool = False,
+    min_distance: int = 2,
 ) -> Path:
     """Write a synthetic dataset in the CUHK-PEDES layout (``reid_raw.json`` + ``imgs/synth/*.jpg``).
 
     ``num_ids`` defaults to ``{"train": 96, "val": 24, "test": 24}``. ``faults=True`` adds one record with a
-    missing image, one with an empty caption and one duplicate; ``progress`` reports how far rendering is.
+    missing image, one with an empty caption and one duplicate; ``progress`` reports how far rendering is;
+    ``min_distance`` 1 allows CUHK-PEDES's 13,003 people (see ``make_identities``).
     Returns ``root``.
     """
     counts = _split_counts(num_ids, {"train": 96, "val": 24, "test": 24}, SPLITS)
     return _write_layout(root, "cuhk-pedes", "reid_raw.json", "synth/{pid:04d}_{index:02d}.jpg", counts,
-                         images_per_id, captions_per_image, image_size, seed, faults, progress)
+                         images_per_id, captions_per_image, image_size, seed, faults, progress, min_distance)
 
 
 def make_synthetic_icfg(

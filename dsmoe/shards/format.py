@@ -29,6 +29,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsmoe.shards.location import child, is_local, read_bytes
+
 FORMAT_NAME = "dsmoe-shards"
 FORMAT_VERSION = 1
 KNOWN_SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -59,25 +61,32 @@ def frame_member(index: int) -> str:
 
 @dataclass(frozen=True)
 class SplitInfo:
-    shards: list[Path]
+    shards: list[str]  # each shard's address: a local path, a URL or a pipe: command (see dsmoe.shards.location)
     samples: int
     captions: int  # of the language asked for
     shard_samples: list[int]  # samples of each shard, as its manifest lists them
 
 
+def manifest_address(shard_dir: str | Path, split: str) -> str:
+    """Where ``split``'s manifest is: a path, a URL or a pipe: command (``dsmoe.shards.location``)."""
+    return child(shard_dir, f"{split}.manifest.json")
+
+
 def read_split(shard_dir: str | Path, split: str, language: str = SOURCE_LANGUAGE) -> SplitInfo:
-    """The shards and counts of ``split`` from its manifest."""
-    shard_dir = Path(shard_dir)
-    path = manifest_path(shard_dir, split)
-    if not path.is_file():
-        found = sorted(p.name for p in shard_dir.glob("*.manifest.json")) if shard_dir.is_dir() else []
+    """The shards and counts of ``split`` from its manifest, read from ``shard_dir``: a directory, or a URL prefix
+    or pipe: command (``dsmoe.shards.location``), where the shards are too."""
+    address = manifest_address(shard_dir, split)
+    try:
+        manifest = json.loads(read_bytes(address))
+    except FileNotFoundError:
+        local = Path(shard_dir) if is_local(shard_dir) else None
+        found = sorted(p.name for p in local.glob("*.manifest.json")) if local and local.is_dir() else []
         raise FileNotFoundError(f"no manifest for split '{split}' in {shard_dir} (found: {found or 'none'}); "
-                                f"write the shards with tools/make_shards.py")
-    manifest = json.loads(path.read_text())
-    shards = [shard_dir / s["name"] for s in manifest["shards"]]
-    missing = [str(p) for p in shards if not p.is_file()]
+                                f"write the shards with tools/make_shards.py") from None
+    shards = [child(shard_dir, s["name"]) for s in manifest["shards"]]
+    missing = [p for p in shards if is_local(p) and not Path(p).is_file()]
     if missing:
-        raise FileNotFoundError(f"{path} lists shards that do not exist: {missing[:3]}")
+        raise FileNotFoundError(f"{address} lists shards that do not exist: {missing[:3]}")
     return SplitInfo(shards=shards, samples=int(manifest["samples"]),
                      captions=int(manifest["captions"].get(language, 0)),
                      shard_samples=[int(s["samples"]) for s in manifest["shards"]])

@@ -1,0 +1,109 @@
+"""Real servers on loopback for the remote-shard tests: an HTTP file server (with byte ranges, as nginx or an object
+store's HTTPS endpoint serve them) and an S3-compatible object store (moto in server mode)."""
+from __future__ import annotations
+
+import os
+import re
+import threading
+from contextlib import contextmanager
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+
+class _RangeHandler(SimpleHTTPRequestHandler):
+    """Static files with ``Range: bytes=a-b`` answered 206; ``failures`` (shared dict: file name -> count) makes
+    the first requests for a file fail with 503."""
+
+    failures: dict[str, int] = {}
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def send_head(self):
+        name = self.path.rsplit("/", 1)[-1]
+        if self.failures.get(name, 0) > 0:
+            self.failures[name] -= 1
+            self.send_error(503, "try again")
+            return None
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        path = Path(self.translate_path(self.path))
+        if not match or not path.is_file():
+            return super().send_head()
+        size = path.stat().st_size
+        start = int(match[1])
+        end = min(int(match[2]) if match[2] else size - 1, size - 1)
+        if start >= size:
+            self.send_error(416, "range not satisfiable")
+            return None
+        f = open(path, "rb")
+        f.seek(start)
+        self.send_response(206)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        self._remaining = end - start + 1
+        return f
+
+    def copyfile(self, source, outputfile) -> None:
+        remaining = getattr(self, "_remaining", None)
+        if remaining is None:
+            return super().copyfile(source, outputfile)
+        self._remaining = None
+        outputfile.write(source.read(remaining))
+
+
+@contextmanager
+def http_server(root: Path, failures: dict[str, int] | None = None) -> Iterator[str]:
+    """Serve ``root`` on a free loopback port; yields the base URL (``http://127.0.0.1:PORT``)."""
+    handler = type("Handler", (_RangeHandler,), {"failures": dict(failures or {})})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextmanager
+def s3_server() -> Iterator[dict[str, str]]:
+    """An S3-compatible server (moto) on a free loopback port; yields the environment that points the AWS tools
+    (s3fs, boto3, the aws CLI) at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield {**S3_ENV, "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    finally:
+        server.stop()
+
+
+def upload(env: dict[str, str], local: Path, url: str) -> None:
+    """Copy the files of ``local`` to the s3:// prefix ``url`` (as ``aws s3 cp --recursive`` would)."""
+    import s3fs
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        bucket = url[len("s3://"):].split("/", 1)[0]
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
+        for path in sorted(local.iterdir()):
+            fs.put_file(str(path), url.rstrip("/") + "/" + path.name)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

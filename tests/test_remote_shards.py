@@ -1,0 +1,111 @@
+"""Shards read from where users keep them: an HTTP server and an S3-compatible object store on loopback (real
+servers, see ``servers.py``) and webdataset's ``pipe:`` form; in process, against the same shards read locally."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsmoe.data.faults import SampleFault
+from dsmoe.data.pipeline import EvalImages, TrainStream, TrainStreamConfig, shard_samples
+from dsmoe.demo.people import make_synthetic_pedes
+from dsmoe.shards import location
+from dsmoe.shards.format import read_split
+from dsmoe.shards.layouts.person import read_person_layout
+from dsmoe.shards.writer import write_shards
+from servers import http_server, s3_server, upload
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("remote")
+    raw = make_synthetic_pedes(root / "raw", num_ids={"train": 6, "test": 3}, images_per_id=2, image_size=(64, 32))
+    write_shards(read_person_layout("cuhk-pedes", raw), root / "shards", dataset="cuhk-pedes", samples_per_shard=4)
+    return root / "shards"
+
+
+@pytest.fixture
+def aws_env(monkeypatch):
+    with s3_server() as env:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        yield env
+
+
+def _stream(shard_dir: str) -> TrainStreamConfig:
+    return TrainStreamConfig(shard_dir=shard_dir, split="train", image_size=(64, 32), micro_batch=3,
+                             batches_per_epoch=7, rank=0, world_size=1, seed=5, shuffle_buffer=4)
+
+
+def _same_data(local: str, remote: str, encoder) -> None:
+    here, there = read_split(local, "train"), read_split(remote, "train")
+    assert there.shards == [location.child(remote, location.file_name(p)) for p in here.shards]
+    assert (there.samples, there.captions, there.shard_samples) == (12, 24, [4, 4, 4])
+    for fresh, far in zip(TrainStream(_stream(local), encoder, epoch=1),
+                          TrainStream(_stream(remote), encoder, epoch=1), strict=True):
+        for key in ("pid", "text", "image", "erase"):
+            assert torch.equal(fresh[key], far[key])
+    # a resumed stream seeks through the remote shards (ranged reads) and continues on the same batches
+    for fresh, far in zip(list(TrainStream(_stream(local), encoder, epoch=1))[5:],
+                          TrainStream(_stream(remote), encoder, epoch=1, start_batch=5), strict=True):
+        assert torch.equal(fresh["image"], far["image"]) and torch.equal(fresh["text"], far["text"])
+    here = [(s.index, s.key, torch.equal(s.image, t.image)) for s, t in
+            zip(EvalImages(local, "test", (64, 32), 0, 1), EvalImages(remote, "test", (64, 32), 0, 1), strict=True)]
+    assert len(here) == 6 and all(same for *_, same in here)
+
+
+@pytest.fixture
+def encoder(tmp_path_factory, shards):
+    from dsmoe.data.text import CaptionEncoder
+    from dsmoe.demo.models import train_tokenizer
+
+    captions = [c for r in read_person_layout("cuhk-pedes", shards.parent / "raw") for c in r.captions]
+    return CaptionEncoder(train_tokenizer(captions, tmp_path_factory.mktemp("tok")), 32)
+
+
+def test_http_shards_stream_the_same_batches_as_local_ones(shards, encoder):
+    with http_server(shards.parent) as url:
+        _same_data(str(shards), f"{url}/shards", encoder)
+
+
+def test_s3_shards_stream_the_same_batches_as_local_ones(shards, encoder, aws_env):
+    upload(aws_env, shards, "s3://data/cuhk/shards")
+    _same_data(str(shards), "s3://data/cuhk/shards", encoder)
+
+
+def test_pipe_shards_stream_the_same_batches_as_local_ones(shards, encoder):
+    _same_data(str(shards), f"pipe:cat {shards}/{{name}}", encoder)
+
+
+def test_a_server_error_is_retried_and_a_missing_file_named(shards, monkeypatch):
+    monkeypatch.setattr(location, "RETRY_WAIT", 0.01)
+    with http_server(shards.parent, failures={"train-000000.tar": 2, "train.manifest.json": 1}) as url:
+        info = read_split(f"{url}/shards", "train")  # the manifest's first request fails: retried
+        faults: list[SampleFault] = []
+        assert [p for p, _ in shard_samples(info.shards[0], 4, faults)] == [0, 1, 2, 3] and not faults
+        with pytest.raises(FileNotFoundError, match=f"no manifest for split 'val' in {url}/shards"):
+            read_split(f"{url}/shards", "val")
+    with http_server(shards.parent, failures={"train-000001.tar": 99}) as url:
+        faults = []
+        assert list(shard_samples(f"{url}/shards/train-000001.tar", 4, faults)) == []
+        assert len(faults) == 4 and all(f.shard == "train-000001.tar" for f in faults)
+        assert "503" in faults[0].reason, faults[0].reason
+        with pytest.raises(location.ShardSourceError, match=f"could not read {url}/shards/train-000001.tar after 4"):
+            location.read_bytes(f"{url}/shards/train-000001.tar")
+
+
+def test_a_missing_bucket_and_a_pipe_without_a_name_are_clear_errors(shards, aws_env, monkeypatch):
+    monkeypatch.setattr(location, "RETRY_WAIT", 0.01)
+    with pytest.raises(FileNotFoundError, match="no manifest for split 'train' in s3://nobucket/shards"):
+        read_split("s3://nobucket/shards", "train")
+    with pytest.raises(ValueError, match=r"needs \{name\}"):
+        read_split(f"pipe:cat {shards}/train.manifest.json", "train")
+
+
+def test_remote_locations_are_kept_as_given_in_run_files(tmp_path):
+    from dsmoe.config import load_config
+
+    cfg = load_config(None, ["demo=false", "data.shards=s3://data/cuhk/shards",
+                             "data.eval_shards=pipe:curl -sf http://host/shards/{name}"])
+    cfg.make_paths_absolute()
+    assert cfg.data.shards == "s3://data/cuhk/shards"
+    assert cfg.data.eval_shards == "pipe:curl -sf http://host/shards/{name}"
