@@ -1,6 +1,9 @@
 """Shards read from where users keep them: an HTTP server and an S3-compatible object store on loopback (real
-servers, see ``servers.py``) and webdataset's ``pipe:`` form; in process, against the same shards read locally."""
+servers, see ``servers.py``) and webdataset's ``pipe:`` form, in process against the same shards read locally; and a
+2-rank training run with its evaluation reading only from the servers."""
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -109,3 +112,33 @@ def test_remote_locations_are_kept_as_given_in_run_files(tmp_path):
     cfg.make_paths_absolute()
     assert cfg.data.shards == "s3://data/cuhk/shards"
     assert cfg.data.eval_shards == "pipe:curl -sf http://host/shards/{name}"
+
+
+@pytest.mark.integration
+def test_two_ranks_train_from_s3_and_evaluate_from_http(demo_assets, tmp_path):
+    """The deepspeed launcher's 2 ranks read training shards from the object store and evaluation shards over
+    HTTP, from copies that exist only behind the servers; then a separate evaluation reads them there too."""
+    import json
+    import subprocess
+    import sys
+
+    from launch import LAUNCH_TIMEOUT, free_port, launch_env, run_ok, train_cmd
+
+    served = tmp_path / "served"
+    shutil.copytree(demo_assets["data.shards"], served / "shards")
+    run = tmp_path / "run"
+    with s3_server() as env, http_server(served) as url:
+        upload(env, served / "shards", "s3://demo/shards")
+        assets = {**demo_assets, "data.shards": "s3://demo/shards", "data.eval_shards": f"{url}/shards"}
+        out = run_ok(train_cmd(assets, run, free_port(), "demo=false", "train.max_steps=4"),
+                     env={**launch_env(), **env})
+        assert "world size 2" in out
+        config = (run / "config.yaml").read_text()
+        assert "shards: s3://demo/shards" in config and f"eval_shards: {url}/shards" in config
+        results = json.loads((run / "results.json").read_text())
+        assert results["test"]["captions"] == 144 and "incomplete" not in results["test"]
+        proc = subprocess.run([sys.executable, "-m", "dsmoe.evaluate", "--checkpoint", str(run)], cwd=tmp_path,
+                              env={**launch_env(), **env}, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+        single = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert single["R1"] == pytest.approx(results["test"]["R1"], abs=1e-6)
