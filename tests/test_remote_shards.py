@@ -1,9 +1,10 @@
 """Shards read from where users keep them: an HTTP server and an S3-compatible object store on loopback (real
-servers, see ``servers.py``) and webdataset's ``pipe:`` form, in process against the same shards read locally; and a
+servers, see ``tools/benchmarks/servers.py``) and webdataset's ``pipe:`` form, in process against the same shards read locally; and a
 2-rank training run with its evaluation reading only from the servers."""
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pytest
 import torch
@@ -15,7 +16,10 @@ from dsmoe.shards import location
 from dsmoe.shards.format import read_split
 from dsmoe.shards.layouts.person import read_person_layout
 from dsmoe.shards.writer import write_shards
-from servers import http_server, s3_server, upload
+from launch import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+from benchmarks.servers import http_server, s3_server, upload  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +124,6 @@ def test_two_ranks_train_from_s3_and_evaluate_from_http(demo_assets, tmp_path):
     HTTP, from copies that exist only behind the servers; then a separate evaluation reads them there too."""
     import json
     import subprocess
-    import sys
 
     from launch import LAUNCH_TIMEOUT, free_port, launch_env, run_ok, train_cmd
 

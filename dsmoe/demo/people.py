@@ -542,14 +542,15 @@ def make_synthetic_icfg(
     seed: int = 0,
     faults: bool = False,
     progress: bool = False,
+    min_distance: int = 2,
 ) -> Path:
     """Write a synthetic dataset in the ICFG-PEDES layout (``ICFG-PEDES.json``, train/test, one caption each).
 
-    ``num_ids`` defaults to ``{"train": 96, "test": 24}``.
+    ``num_ids`` defaults to ``{"train": 96, "test": 24}``; ``min_distance`` as for ``make_synthetic_pedes``.
     """
     counts = _split_counts(num_ids, {"train": 96, "test": 24}, ("train", "test"))
     return _write_layout(root, "icfg-pedes", "ICFG-PEDES.json", "synth/{pid:04d}/{pid:04d}_{index:02d}.jpg", counts,
-                         images_per_id, 1, image_size, seed, faults, progress)
+                         images_per_id, 1, image_size, seed, faults, progress, min_distance)
 
 
 def make_synthetic_rstpreid(

@@ -1,5 +1,6 @@
-"""Real servers on loopback for the remote-shard tests: an HTTP file server (with byte ranges, as nginx or an object
-store's HTTPS endpoint serve them) and an S3-compatible object store (moto in server mode)."""
+"""Real servers on loopback for the remote-shard tests and the scale rehearsal (``tools/bench_scale.py``): an
+HTTP file server (with byte ranges, as nginx or an object store's HTTPS endpoint serve them) and an S3-compatible
+object store (moto in server mode)."""
 from __future__ import annotations
 
 import os
