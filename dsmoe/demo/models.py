@@ -71,8 +71,9 @@ def pretrain_clip(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, steps: i
     model.eval()
 
 
-def build_tiny_clip(out_dir: Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> None:
-    """A small CLIP with a square 32x32 pre-training grid (the demo's 64x32 input exercises resizing)."""
+def build_tiny_clip(out_dir: Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0, pretrain: bool = True) -> None:
+    """A small CLIP with a square 32x32 pre-training grid (the demo's 64x32 input exercises resizing);
+    ``pretrain=False`` keeps its random weights (for speed measurements)."""
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
@@ -82,7 +83,8 @@ def build_tiny_clip(out_dir: Path, tokenizer: PreTrainedTokenizerFast, seed: int
                            image_size=32, patch_size=8),
         projection_dim=64)
     model = CLIPModel(config)
-    pretrain_clip(model, tokenizer, seed=seed)
+    if pretrain:
+        pretrain_clip(model, tokenizer, seed=seed)
     model.save_pretrained(out_dir)
 
 

@@ -3,6 +3,7 @@ HTTP file server (with byte ranges, as nginx or an object store's HTTPS endpoint
 object store (moto in server mode)."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -80,6 +81,7 @@ def s3_server() -> Iterator[dict[str, str]]:
     (s3fs, boto3, the aws CLI) at it."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
