@@ -242,6 +242,17 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
+def write_figures(figures: dict, table: Table, path: Path | None) -> None:
+    """The figures with the table's rows as JSON, to ``path`` (or printed)."""
+    figures["rows"] = table.rows
+    text = json.dumps(figures, indent=2)
+    if path:
+        path.write_text(text)
+        print(f"figures written to {path}")
+    else:
+        print(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI-sized inputs, one repeat")
@@ -283,13 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         reader_section(table, args.quick, repeats, args.threads, args.work_dir, figures)
     if "gpu" in sections:
         gpu_section(table, args.quick, args.threads, figures)
-    figures["rows"] = table.rows
-    text = json.dumps(figures, indent=2)
-    if args.json:
-        args.json.write_text(text)
-        print(f"figures written to {args.json}")
-    else:
-        print(text)
+    write_figures(figures, table, args.json)
     return 0
 
 

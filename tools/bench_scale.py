@@ -37,7 +37,7 @@ try:
 except ImportError:  # run from a checkout
     sys.path.insert(0, str(TOOLS.parent))
 
-from bench import Table, machine  # noqa: E402
+from bench import Table, machine, write_figures  # noqa: E402
 
 SECTIONS = ("convert", "train", "resume", "evaluate", "s3")
 IMAGE_SIZE = (384, 128)
@@ -206,13 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f", {s['samples_per_s'] / local:.2f}x local" if local else ""
         table.add("train from a loopback S3 server", f"{s['steps_per_s']:.2f} steps/s{ratio}, "
                   f"data wait {s['data_wait']:.0%}")
-    figures["rows"] = table.rows
-    text = json.dumps(figures, indent=2)
-    if args.json:
-        args.json.write_text(text)
-        print(f"figures written to {args.json}")
-    else:
-        print(text)
+    write_figures(figures, table, args.json)
     return 0
 
 

@@ -228,25 +228,17 @@ def balance_series(logs: list[RoutingLog], stat: Callable[[list[int]], float | N
     return out
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_mapping(path: Path, kind: str) -> dict | None:
+    """The JSON or YAML object in ``path`` (None when there is no such file)."""
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ReportError(f"{path} is not valid {kind} ({exc})") from None
+    if kind == "JSON" and not isinstance(data, dict):
         raise ReportError(f"{path} does not hold a JSON object")
-    return data
-
-
-def _read_yaml(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ReportError(f"{path} is not valid YAML ({exc})") from None
     return data if isinstance(data, dict) else None
 
 
@@ -261,8 +253,8 @@ def load_run(path: Path | str) -> Run:
     records, skipped = read_records(metrics)
     for number in skipped:
         print(f"warning: {metrics} line {number} is not a JSON record; skipped", file=sys.stderr)
-    results = _read_json(path / "results.json")
-    config = _read_yaml(path / "config.yaml") or (results or {}).get("config") or {}
+    results = _read_mapping(path / "results.json", "JSON")
+    config = _read_mapping(path / "config.yaml", "YAML") or (results or {}).get("config") or {}
     return Run(path=path.resolve(), label=path.resolve().name, losses=loss_series(records), lr=lr_series(records),
                evals=eval_points(records), routing=routing_logs(records), config=config, results=results,
                skipped_lines=skipped)
