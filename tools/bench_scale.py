@@ -43,7 +43,7 @@ SECTIONS = ("convert", "train", "resume", "evaluate", "s3")
 IMAGE_SIZE = (384, 128)
 # people per split, 3 images each, two captions per image (CUHK-PEDES: 34,054 / 3,078 / 3,074 images); ICFG-PEDES's
 # test split: 19,848 images with one caption each
-SIZES = {"cuhk": {"train": 11351, "val": 1026, "test": 1025}, "icfg": {"train": 10, "test": 6616}, "steps": 60}
+SIZES = {"cuhk": {"train": 11351, "val": 1026, "test": 1025}, "icfg": {"train": 100, "test": 6616}, "steps": 60}
 QUICK_SIZES = {"cuhk": {"train": 40, "val": 6, "test": 6}, "icfg": {"train": 4, "test": 10}, "steps": 6}
 
 
