@@ -65,17 +65,18 @@ def test_samples_summarise_min_median_and_noise():
     assert samples.summary() == {"min_s": 1.0, "median_s": 2.0, "noise": 1.5, "repeats": 3, "extra_rss_mib": 40.0}
 
 
-def test_quick_scale_rehearsal_runs_every_section(tmp_path):
+def test_quick_scale_rehearsal_runs_its_sections(tmp_path):
+    """Every section but ``s3``, whose 2-rank training from a loopback S3 server test_remote_shards runs."""
     figures_path = tmp_path / "scale.json"
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "bench_scale.py"), "--quick", "--work-dir",
-                           str(tmp_path / "work"), "--json", str(figures_path)], cwd=REPO_ROOT, env=launch_env(),
-                          capture_output=True, text=True, timeout=3 * LAUNCH_TIMEOUT)
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "bench_scale.py"), "--quick", "--only",
+                           "convert,train,resume,evaluate", "--work-dir", str(tmp_path / "work"), "--json",
+                           str(figures_path)], cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True,
+                          timeout=3 * LAUNCH_TIMEOUT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     figures = json.loads(figures_path.read_text())
     rows = [row["figure"] for row in figures["rows"]]
-    assert rows[0].startswith("convert 156 images") and len(rows) == 8, rows
+    assert rows[0].startswith("convert 156 images") and len(rows) == 7, rows
     assert figures["convert"]["images"] == 3 * (40 + 6 + 6) and figures["convert"]["shards"] == 3
     assert figures["train"]["test"]["images"] == 18 and figures["train"]["steps_per_s"] > 0
     assert figures["evaluate_icfg"]["images"] == figures["evaluate_icfg"]["captions"] == 30
     assert set(figures["resume"]) == {"batches_per_epoch", "0%", "10%", "90%"}
-    assert figures["s3"]["samples_per_s"] > 0
