@@ -454,3 +454,33 @@ def test_each_eval_shard_is_read_by_one_worker_of_one_rank(shard_dir, monkeypatc
         assert all(len(readers) == 1 for readers in opened.values()), opened
         if world * workers <= len(shards):  # as many busy readers as there can be
             assert len({r for readers in opened.values() for r in readers}) == world * workers
+
+
+def test_the_seeking_reader_gives_what_the_streaming_one_gives_even_for_foreign_or_cut_tars(shard_dir, tmp_path):
+    """dsmoe's USTAR shards are scanned header by header; a tar with other members (here a pax header for a long
+    key, as Python's tarfile writes) is read on through tarfile; a cut tar ends in the same faults."""
+    import io
+
+    from dsmoe.data.pipeline import MediaRef, load_media, shard_samples
+
+    original = read_split(shard_dir, "train").shards[0]
+    foreign = tmp_path / "foreign.tar"
+    with tarfile.open(original) as source, tarfile.open(foreign, "w", format=tarfile.PAX_FORMAT) as out:
+        for number, member in enumerate(source.getmembers()):
+            data = source.extractfile(member).read()
+            if number >= 4:  # the third sample on gets a key too long for a USTAR name
+                member.name = "k" * 120 + member.name
+            out.addfile(member, io.BytesIO(data))
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(Path(original).read_bytes()[:5000])
+    for path in (original, str(foreign), str(cut)):
+        streamed, sought, faults_streamed, faults_sought = [], [], [], []
+        for position, sample in shard_samples(path, 5, faults_streamed):
+            streamed.append((position, sample["__key__"], sample["json"], sample["jpg"]))
+        files: dict = {}
+        for position, sample in shard_samples(path, 5, faults_sought, skip_media=lambda: True):
+            assert isinstance(sample["jpg"], MediaRef) or path == str(foreign)
+            sought.append((position, sample["__key__"], sample["json"], load_media(sample["jpg"], files)))
+        assert sought == streamed and len(streamed) == (5 if path != str(cut) else len(streamed))
+        assert [(f.position, f.shard) for f in faults_sought] == [(f.position, f.shard) for f in faults_streamed]
+    assert 0 < len(faults_streamed) < 5  # the cut tar: what follows the cut is reported

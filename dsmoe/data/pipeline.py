@@ -31,6 +31,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from dsmoe.data.faults import SampleError, SampleFault
 from dsmoe.shards import location
+from dsmoe.shards.tar import UnsupportedMember, scan_members
 from dsmoe.shards.format import SOURCE_LANGUAGE, frame_member, read_split, sample_label
 from dsmoe.data.text import CaptionEncoder
 from dsmoe.data.transforms import NO_ERASE, decode_rgb, eval_transform, train_transform
@@ -87,6 +88,8 @@ def shard_samples(path: str, expected: int, faults: list[SampleFault], owns=lamb
                         yield position, sample
                         position += 1
             break
+        except UnsupportedMember:
+            skip_media = None  # a tar not written by dsmoe: read on through tarfile
         except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
             error = f" ({type(exc).__name__}: {str(exc).split(' @ ')[0]})"
             if retries == 0 or isinstance(exc, FileNotFoundError):
@@ -117,16 +120,10 @@ def _members(path: str, skip_media: Callable[[], bool] | None) -> Iterator[Itera
         with location.open_stream(path) as stream:
             yield tar_file_iterator(stream)
         return
-    with seekable, tarfile.open(fileobj=seekable, mode="r:") as tar:
+    with seekable:
         def members() -> Iterator[dict]:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                if skip_media() and not info.name.endswith(".json"):
-                    data = MediaRef(path, info.offset_data, info.size)
-                else:
-                    data = tar.extractfile(info).read()
-                yield {"fname": info.name, "data": data}
+            for name, offset, size, data in scan_members(seekable, lambda n: n.endswith(".json") or not skip_media()):
+                yield {"fname": name, "data": MediaRef(path, offset, size) if data is None else data}
         yield members()
 
 
