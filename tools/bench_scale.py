@@ -151,8 +151,7 @@ def evaluate(run: Path, shards: Path, split: str) -> dict:
     result = child([sys.executable, "-m", "dsmoe.evaluate", "--checkpoint", str(run), "--set",
                     f"data.eval_shards={shards}", "--split", split], env=launch_env())
     metrics = json.loads(result["output"][result["output"].index("{"):])
-    return {"seconds": result["seconds"], "peak_rss_mib": result["peak_rss_mib"],
-            "rank0_training_rss_mib": training_rss[-1] * 1024, "images": metrics["images"],
+    return {"seconds": result["seconds"], "peak_rss_mib": result["peak_rss_mib"], "images": metrics["images"],
             "captions": metrics["captions"], "R1": metrics["R1"]}
 
 
