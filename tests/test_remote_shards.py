@@ -1,6 +1,6 @@
 """Shards read from where users keep them: an HTTP server and an S3-compatible object store on loopback (real
-servers, see ``tools/benchmarks/servers.py``) and webdataset's ``pipe:`` form, in process against the same shards read locally; and a
-2-rank training run with its evaluation reading only from the servers."""
+servers, see ``tools/benchmarks/servers.py``) and webdataset's ``pipe:`` form, in process against the same shards
+read locally; and a 2-rank training run with its evaluation reading only from the servers."""
 from __future__ import annotations
 
 import shutil

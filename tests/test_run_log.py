@@ -1,5 +1,5 @@
-"""What a run shows and records, in process: progress figures, wandb and TensorBoard keys, the whole model's trainable count,
-stop signals, and the demo recipe refusing real shards."""
+"""What a run shows and records, in process: progress figures, wandb and TensorBoard keys, the whole model's
+trainable count, stop signals, the demo recipe refusing real shards, and the entry points' help."""
 from __future__ import annotations
 
 import importlib.util
@@ -59,7 +59,8 @@ def test_tensorboard_gets_each_record_at_its_step_and_routing_as_a_heat_map(tmp_
     picture = Image.open(io.BytesIO(events.Images("routing/share")[0].encoded_image_string)).convert("L")
     assert picture.size == (2 * 12, 2 * 12)  # 2 experts wide, 2 layers high
     # image.0 sends 3/4 of its routes to expert 0; text.0 all of them to expert 1
-    assert [picture.getpixel((x * 12 + 6, y * 12 + 6)) for y in (0, 1) for x in (0, 1)] == [191, 63, 0, 255]  # 0.75, 0.25, 0 and 1 of 255
+    cells = [picture.getpixel((x * 12 + 6, y * 12 + 6)) for y in (0, 1) for x in (0, 1)]
+    assert cells == [191, 63, 0, 255]  # 0.75, 0.25, 0 and 1 of 255
 
 
 def test_tensorboard_without_its_package_is_a_config_error(monkeypatch):

@@ -88,7 +88,8 @@ def convert(raw: Path, out: Path, dataset: str) -> dict:
     images = sum(m["samples"] for m in manifests)
     sizes = [s["bytes"] for m in manifests for s in m["shards"]]
     return {"images": images, "seconds": run["seconds"], "images_per_s": images / run["seconds"],
-            "peak_rss_mib": run["peak_rss_mib"], "shards": len(sizes), "shard_mib_mean": sum(sizes) / len(sizes) / 2**20,
+            "peak_rss_mib": run["peak_rss_mib"], "shards": len(sizes),
+            "shard_mib_mean": sum(sizes) / len(sizes) / 2**20,
             "shard_mib_max": max(sizes) / 2**20, "total_gib": sum(sizes) / 2**30, "workers": workers}
 
 
