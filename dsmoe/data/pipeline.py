@@ -31,7 +31,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from dsmoe.data.faults import SampleError, SampleFault
 from dsmoe.shards import location
-from dsmoe.shards.tar import UnsupportedMember, scan_members
+from dsmoe.shards.tar import UnscannableTar, scan_members
 from dsmoe.shards.format import SOURCE_LANGUAGE, frame_member, read_split, sample_label
 from dsmoe.data.text import CaptionEncoder
 from dsmoe.data.transforms import NO_ERASE, decode_rgb, eval_transform, train_transform
@@ -88,8 +88,8 @@ def shard_samples(path: str, expected: int, faults: list[SampleFault], owns=lamb
                         yield position, sample
                         position += 1
             break
-        except UnsupportedMember:
-            skip_media = None  # a tar not written by dsmoe: read on through tarfile
+        except UnscannableTar:
+            skip_media = None  # not a whole tar as dsmoe writes them: read on through tarfile, which judges damage
         except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
             error = f" ({type(exc).__name__}: {str(exc).split(' @ ')[0]})"
             if retries == 0 or isinstance(exc, FileNotFoundError):

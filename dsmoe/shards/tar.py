@@ -69,40 +69,43 @@ class TarWriter:
         self.offset += padding
 
 
-class UnsupportedMember(tarfile.ReadError):
-    """A member ``scan_members`` does not read (not a plain USTAR regular file): read the tar with ``tarfile``."""
+class UnscannableTar(tarfile.ReadError):
+    """A tar ``scan_members`` does not read: a member that is not a plain USTAR file, a header that does not read,
+    or a file cut short. Read it with ``tarfile``, which decides what such damage means."""
 
 
 def scan_members(f: BinaryIO, wanted: Callable[[str], bool]) -> Iterator[tuple[str, int, int, bytes | None]]:
-    """(name, data offset, size, data) of each member of a USTAR tar in the seekable file ``f``, in order, the data
-    read only where ``wanted(name)`` (else None: the scan seeks past it). Much cheaper per member than ``tarfile``,
-    for the headers dsmoe writes; raises ``UnsupportedMember`` on any other kind of member, and
-    ``tarfile.ReadError`` where the tar is damaged or cut short."""
+    """(name, data offset, size, data) of each member of a well-formed USTAR tar in the seekable file ``f``, in
+    order, the data read only where ``wanted(name)`` (else None: the scan seeks past it). Much cheaper per member
+    than ``tarfile``, for the tars dsmoe writes; anything else raises ``UnscannableTar`` where it is found."""
+    end = f.seek(0, 2)
     offset = 0
     while True:
         f.seek(offset)
         header = f.read(TAR_BLOCK)
-        if len(header) < TAR_BLOCK:
-            raise tarfile.ReadError(f"the tar ends inside a header at byte {offset}")
-        if not header.strip(b"\0"):
-            return  # end-of-archive blocks
-        try:
-            stored = int(header[148:156].strip(b" \0") or b"0", 8)
-            size = int(header[124:136].strip(b" \0") or b"0", 8)
-        except ValueError:
-            raise tarfile.ReadError(f"bad header at byte {offset}") from None
-        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-            raise tarfile.ReadError(f"bad header checksum at byte {offset}")
-        if header[156:157] not in (b"0", b"\0"):
-            raise UnsupportedMember(f"member type {header[156:157]!r} at byte {offset}")
+        if len(header) == TAR_BLOCK and not header.strip(b"\0"):
+            return  # the end-of-archive blocks
+        size = _checked_size(header)
+        if size is None or header[156:157] not in (b"0", b"\0"):
+            raise UnscannableTar(f"no plain USTAR member header at byte {offset}")
+        padded = -(-size // TAR_BLOCK) * TAR_BLOCK
+        if offset + TAR_BLOCK + padded > end:
+            raise UnscannableTar(f"the file ends inside the member at byte {offset}")
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         prefix = header[345:500].split(b"\0", 1)[0]
         if prefix:
             name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-        data = None
-        if wanted(name):
-            data = f.read(size)
-            if len(data) < size:
-                raise tarfile.ReadError(f"the tar ends inside {name}")
-        yield name, offset + TAR_BLOCK, size, data
-        offset += TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+        yield name, offset + TAR_BLOCK, size, f.read(size) if wanted(name) else None
+        offset += TAR_BLOCK + padded
+
+
+def _checked_size(header: bytes) -> int | None:
+    """The member size of a USTAR header block, or None when the block is not a valid header."""
+    if len(header) < TAR_BLOCK:
+        return None
+    try:
+        stored = int(header[148:156].strip(b" \0") or b"0", 8)
+        size = int(header[124:136].strip(b" \0") or b"0", 8)
+    except ValueError:
+        return None
+    return size if stored == sum(header[:148]) + 8 * 32 + sum(header[156:]) else None
