@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Iterable
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsmoe.checkpoint import check_checkpoint, is_portable, resolve_checkpoint, run_config_for  # noqa: E402
+from dsmoe.checkpoint import check_checkpoint, is_portable, run_config_for  # noqa: E402
 from dsmoe.cli import RUN_CONFIG, add_config_arguments  # noqa: E402
 from dsmoe.config import ConfigError, RunConfig, load_config  # noqa: E402
 from dsmoe.launcher import launched_world_size  # noqa: E402
@@ -56,26 +56,22 @@ class Answer:
     first_match: int | None  # rank of the best-ranked true image, also beyond the top k
 
 
-def retrieval_dir(checkpoint: str | Path) -> Path:
-    """Where a checkpoint's retrieval files live: ``<run>/retrieval/<tag>``, or ``<file>.retrieval`` beside
-    exported adapters."""
-    path = Path(checkpoint)
+def retrieval_dir(source: str | Path) -> Path:
+    """Where the retrieval files of the weights read from ``source`` (a tag directory, or exported adapters) live:
+    ``<run>/retrieval/<tag>``, or ``<file>.retrieval`` beside the adapters."""
+    path = Path(source)
     if is_portable(path):
         return path.with_name(path.stem + ".retrieval")
-    root, tag = resolve_checkpoint(path)
+    root = path.parent
     run = root.parent if root.name == "checkpoints" else root
-    return run / "retrieval" / tag
+    return run / "retrieval" / path.name
 
 
-def gallery_stamp(cfg: RunConfig, checkpoint: str | Path, split: str) -> dict:
-    """What a cached gallery was computed from: the checkpoint (and when it was written), the split's manifest,
-    the image size."""
-    path = Path(checkpoint)
-    if is_portable(path):
-        weights = path
-    else:
-        root, tag = resolve_checkpoint(path)
-        weights = root / tag / "COMPLETE"
+def gallery_stamp(cfg: RunConfig, source: str | Path, split: str) -> dict:
+    """What a cached gallery was computed from: the weights read from ``source`` (and when they were written),
+    the split's manifest, the image size."""
+    path = Path(source)
+    weights = path if is_portable(path) else path / "COMPLETE"
     shards = cfg.data.eval_shards or cfg.data.shards
     manifest = read_bytes(manifest_address(shards, split))
     return {"version": GALLERY_VERSION, "weights": str(weights.resolve()), "written": weights.stat().st_mtime_ns,
@@ -280,8 +276,8 @@ def load_retriever(cfg: RunConfig, checkpoint: str | Path, split: str, language:
     from dsmoe.evaluation import Evaluator
 
     method, engine, source = build_inference_engine(cfg, checkpoint)
-    folder = retrieval_dir(checkpoint)
-    cache, stamp = folder / f"{split}.gallery.pt", gallery_stamp(cfg, checkpoint, split)
+    folder = retrieval_dir(source)  # the weights the engine read: a run's selected tag, or the adapters file
+    cache, stamp = folder / f"{split}.gallery.pt", gallery_stamp(cfg, source, split)
     gallery = None if rebuild else load_gallery(cache, stamp)
     if gallery is None:
         gallery = Evaluator(cfg, engine, device_for(0)).gallery(split)

@@ -50,10 +50,6 @@ def sample_key(split: str, index: int) -> str:
     return f"{split}_{index:07d}"
 
 
-def manifest_path(shard_dir: str | Path, split: str) -> Path:
-    return Path(shard_dir) / f"{split}.manifest.json"
-
-
 def frame_member(index: int) -> str:
     """The member extension of a video's frame ``index``."""
     return f"frame{index:02d}.jpg"

@@ -115,17 +115,6 @@ def read_bytes(address: str | Path) -> bytes:
     return _with_retries(address, attempt)
 
 
-def exists(address: str | Path) -> bool:
-    address = str(address)
-    if is_local(address):
-        return Path(address).is_file()
-    try:
-        read_bytes(address) if is_pipe(address) else _with_retries(address, lambda: _fsspec_open(address).close())
-    except FileNotFoundError:
-        return False
-    return True
-
-
 @contextmanager
 def open_stream(address: str | Path, retries: bool = True) -> Iterator[BinaryIO]:
     """The file at ``address`` for reading from start to end (opening retried for remote files)."""

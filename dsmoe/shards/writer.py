@@ -10,7 +10,7 @@ from typing import Any
 
 from dsmoe.files import write_atomic
 from dsmoe.progress import Phase
-from dsmoe.shards.format import FORMAT_NAME, FORMAT_VERSION, KNOWN_SPLITS, SHARD_NAME, manifest_path, shard_name
+from dsmoe.shards.format import FORMAT_NAME, FORMAT_VERSION, KNOWN_SPLITS, SHARD_NAME, manifest_address, shard_name
 from dsmoe.shards.plan import JOURNAL_NAME, accept, cut, plan_digest, prep_tasks, previous_shards, screen, split_report
 from dsmoe.shards.records import RawRecord, ShardWriteError, writing
 from dsmoe.shards.tar import tar_bytes
@@ -165,7 +165,7 @@ def write_shards(
     failure = _strict_failure(skips, caption_reports, len(results)) if strict else None
     if failure:  # the shards stay, listed in the journal for a re-run; no manifest says they are complete
         for split in KNOWN_SPLITS:
-            manifest_path(out_dir, split).unlink(missing_ok=True)
+            Path(manifest_address(out_dir, split)).unlink(missing_ok=True)
         raise failure
     for _, split, source, reason in sorted(skips):
         report = split_report(reports, split)
@@ -194,7 +194,7 @@ def write_shards(
         report.shards = len(entries)
         manifest = _manifest(split, dataset, report, samples[split], entries, resize, frames, person, extra,
                              tool_args or {})
-        path = manifest_path(out_dir, split)
+        path = Path(manifest_address(out_dir, split))
         with writing(path):
             write_atomic(path, json.dumps(manifest, indent=1, ensure_ascii=False), durable=True)
     _remove_unlisted(out_dir, set(results), present)
