@@ -34,6 +34,9 @@ from dsmoe.provenance import config_changes, run_facts
 from dsmoe.run_log import Pace, RunLogger, peak_memory, step_line
 from dsmoe.shards.format import read_split
 
+DATA_CURSORS = "data_cursors_rank{rank}.json"
+"""Each rank's file in a checkpoint folder: where each of its data slots' streams is (``dsmoe.data.slot_stream``)."""
+
 
 @dataclass
 class Progress:
@@ -86,6 +89,7 @@ class Trainer:
         train = read_split(cfg.data.shards, cfg.data.train_split)
         self.faults = FaultLog(cfg.data.train_split, train.samples,
                                bad_sample_limit(cfg.data.max_bad_share, cfg.data.max_bad_count, train.samples))
+        self.data_cursors: dict[int, dict | None] = {}  # slot -> its stream's place after its last batch taken
 
     def evaluate(self, split: str) -> dict[str, float]:
         metrics = self.evaluator.evaluate(self.method, split)
@@ -133,13 +137,27 @@ class Trainer:
         self.progress = Progress(**client["progress"])
         self.method.load_state_dict(client.get("method", {}))
         self.faults.load_state_dict(client.get("bad_samples", []))
+        self.data_cursors = self._read_data_cursors(root / tag)
+        places = sum(state is not None for state in self.data_cursors.values())
+        data = ("" if not self.progress.batch else f"; the data continues from {places} saved stream places" if places
+                else "; no saved data stream places: the epoch's order is replayed up to there")
         self.log.info(f"resumed from {root / tag}: epoch {self.progress.epoch}, batch {self.progress.batch}, "
-                      f"step {self.engine.global_steps}")
+                      f"step {self.engine.global_steps}{data}")
         dropped = self.log.cut_after(self.engine.global_steps)
         if dropped:
             self.log.info(f"metrics.jsonl: dropped {dropped} records logged after step {self.engine.global_steps} "
                           f"by the interrupted run (they are logged again from there)")
         return True
+
+    def _read_data_cursors(self, folder: Path) -> dict[int, dict | None]:
+        """This rank's saved stream places, where the checkpoint has them for its progress (older ones do not)."""
+        path = folder / DATA_CURSORS.format(rank=self.rank)
+        if not path.exists():
+            return {}
+        saved = json.loads(path.read_text())
+        if (saved["epoch"], saved["batch"]) != (self.progress.epoch, self.progress.batch):
+            return {}
+        return {int(slot): state for slot, state in saved["cursors"].items()}
 
     def init_from(self, path: str) -> None:
         """Start from another run's trainable weights (e.g. DASD's CMA from its CLA run); optimiser state fresh."""
@@ -163,6 +181,9 @@ class Trainer:
         try:
             self.engine.save_checkpoint(str(self.ckpt_root), staging, client_state=state, save_latest=False,
                                         exclude_frozen_parameters=True)
+            cursors = {"epoch": self.progress.epoch, "batch": self.progress.batch, "cursors": self.data_cursors}
+            (self.ckpt_root / staging / DATA_CURSORS.format(rank=self.rank)).write_text(
+                json.dumps(cursors, default=list))  # a cursor's int arrays as lists
         except BaseException:
             shutil.rmtree(self.ckpt_root / staging, ignore_errors=True)
             raise
@@ -210,11 +231,13 @@ class Trainer:
         bar = self.log.progress(total=total, initial=self.engine.global_steps, desc="training")
         while prog.epoch < cfg.train.epochs and not stopped:
             loader = train_loader(stream, self.method.train_texts(), prog.epoch, prog.batch, cfg.data.workers,
-                                  self.faults.known_bad())
+                                  self.faults.known_bad(), dict(self.data_cursors))
             waiting = time.perf_counter()
             for batch in loader:
                 arrived = time.perf_counter()
                 self.faults.add(batch.pop("faults"))
+                cursor = batch.pop("cursor")
+                self.data_cursors[cursor.slot] = cursor.state
                 if "image" in batch:  # uint8 from the reader: normalised (and erased) here, on the device
                     batch["image"] = normalize(batch.pop("image"), batch.pop("erase"), device=self.device,
                                                dtype=self.dtype)
@@ -244,6 +267,7 @@ class Trainer:
                 waiting = time.perf_counter()  # logging and saving are not waiting for data
             if not stopped:
                 prog.epoch, prog.batch = prog.epoch + 1, 0
+                self.data_cursors = {}
                 self._end_of_epoch()
             elif complete_tag(self.ckpt_root) != f"step{self.engine.global_steps:08d}":
                 self.save(f"step{self.engine.global_steps:08d}")

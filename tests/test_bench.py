@@ -75,8 +75,9 @@ def test_quick_scale_rehearsal_runs_its_sections(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     figures = json.loads(figures_path.read_text())
     rows = [row["figure"] for row in figures["rows"]]
-    assert rows[0].startswith("convert 156 images") and len(rows) == 7, rows
+    assert rows[0].startswith("convert 156 images") and len(rows) == 8, rows
     assert figures["convert"]["images"] == 3 * (40 + 6 + 6) and figures["convert"]["shards"] == 3
     assert figures["train"]["test"]["images"] == 18 and figures["train"]["steps_per_s"] > 0
     assert figures["evaluate_icfg"]["images"] == figures["evaluate_icfg"]["captions"] == 30
-    assert set(figures["resume"]) == {"batches_per_epoch", "0%", "10%", "90%"}
+    assert set(figures["resume"]) == {"batches_per_epoch", "replay", "cursor"}
+    assert set(figures["resume"]["cursor"]) == set(figures["resume"]["replay"]) == {"0%", "10%", "90%"}

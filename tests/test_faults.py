@@ -20,6 +20,7 @@ from dsmoe.config import ConfigError, load_config
 from launch import REPO_ROOT
 from dsmoe.data.faults import FaultLog, SampleFault, bad_sample_limit, summarize
 from dsmoe.data.pipeline import EvalImages, TrainStream, TrainStreamConfig, train_loader
+from dsmoe.data.slot_stream import SlotStream
 from dsmoe.shards.format import read_split
 from dsmoe.shards.layouts.person import read_person_layout
 from dsmoe.shards.writer import write_shards
@@ -123,7 +124,9 @@ def test_lost_samples_of_a_shard_are_split_between_readers_that_share_it(faulty,
     found = []
     for slot in range(8):  # 8 readers, 4 shards
         stream = TrainStream(_stream(shard_dir, batches=1, micro=1, world=8), encoder, epoch=0)
-        list(stream._pairs(slot, 8, cycle=0))
+        reader = SlotStream(stream, slot, 8)
+        while reader._read() is not None:  # the first cycle's samples, in shard order
+            pass
         found += [f.identity for f in stream.faults]
     # every sample that is unusable before decoding reported once, by one reader (images decode later)
     assert sorted(found) == sorted(i for i, reason in expected.items() if reason != "image does not decode")

@@ -64,8 +64,8 @@ def encoder(raw_records, tmp_path_factory) -> CaptionEncoder:
 def _stream(shard_dir: str, *, rank: int = 0, world: int = 2, micro: int = 2, batches: int = 6,
             split: str = "train", **kw) -> TrainStreamConfig:
     return TrainStreamConfig(shard_dir=shard_dir, split=split, image_size=IMAGE_SIZE, micro_batch=micro,
-                             batches_per_epoch=batches, rank=rank, world_size=world, seed=7, shuffle_buffer=6,
-                             **kw)
+                             batches_per_epoch=batches, rank=rank, world_size=world, seed=7,
+                             **{"shuffle_buffer": 6, **kw})
 
 
 def _take(cfg: TrainStreamConfig, encoder: CaptionEncoder, *, epoch: int = 0, start: int = 0,
@@ -309,8 +309,73 @@ def test_a_resumed_stream_seeks_over_the_images_it_skips(encoder, tmp_path, monk
         for key in ("pid", "text", "image", "erase"):
             assert torch.equal(a[key], b[key])
     # the fresh stream read 12 images of ~10 kB; the resumed one headers, captions and the images it trained on
-    images = sum(p.stat().st_size for p in (tmp_path / "shards").glob("train-*.tar"))
-    assert read_fresh >= 0.9 * images and counter[0] < 0.5 * read_fresh, (read_fresh, counter[0], images)
+    images = 0
+    for shard in (tmp_path / "shards").glob("train-*.tar"):
+        with tarfile.open(shard) as tar:
+            images += sum(m.size for m in tar.getmembers() if m.name.endswith(".jpg"))
+    assert read_fresh >= images and counter[0] < 0.5 * read_fresh, (read_fresh, counter[0], images)
+
+
+def _saved_cursors(batches: list[dict]) -> dict[int, dict]:
+    """Each slot's cursor after its last batch of ``batches``, through JSON as a checkpoint keeps them."""
+    cursors = {batch["cursor"].slot: batch["cursor"].state for batch in batches}
+    return {int(slot): state for slot, state in json.loads(json.dumps(cursors, default=list)).items()}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_resumed_from_its_cursors_continues_on_the_same_batches(shard_dir, encoder, workers, monkeypatch):
+    """At every batch of an epoch that drains its buffer and cycles its shards several times (4 slots of 1 shard
+    each with 2 workers), the cursors give the rest of the epoch exactly; with one worker the resumed stream is
+    seen entering its shard at the saved sample and byte, replaying nothing."""
+    from dsmoe.data import slot_stream
+
+    cfg = _stream(shard_dir, rank=1, micro=2, batches=9, corruption=0.3)
+    fresh = _take(cfg, encoder, workers=workers)
+    assert all(b["cursor"].state is not None for b in fresh)
+    opened = []
+    real = slot_stream.shard_samples
+
+    def recorded(path, expected, faults, owns, skip_media, start, offset):
+        opened.append((start, offset, skip_media))
+        return real(path, expected, faults, owns, skip_media, start, offset)
+
+    monkeypatch.setattr(slot_stream, "shard_samples", recorded)
+    entered_mid_shard = 0
+    for start in range(1, 9):
+        cursors = _saved_cursors(fresh[:start])
+        opened.clear()
+        resumed = list(train_loader(cfg, encoder, 0, start, workers, cursors=cursors))
+        assert len(resumed) == 9 - start
+        for i, (a, b) in enumerate(zip(fresh[start:], resumed)):
+            for key in ("pid", "text", "eot", "image", "erase"):
+                assert torch.equal(a[key], b[key]), f"batch {start + i}: {key} differs after resuming at {start}"
+            assert a["cursor"] == b["cursor"]
+        if workers == 0:
+            place = cursors[1]["stream"]  # rank 1's only slot (of 2)
+            assert all(skip_media is None for *_, skip_media in opened)  # no replay
+            if not place["draining"] and place["position"] > 0:
+                assert opened[0][:2] == (place["position"], place["offset"]) and place["offset"] > 0
+                entered_mid_shard += 1
+    assert workers or entered_mid_shard >= 3
+
+
+def test_a_cursor_saved_under_other_settings_is_not_used(shard_dir, encoder):
+    saved = _take(_stream(shard_dir, rank=1, micro=2, batches=6), encoder)
+    other = _stream(shard_dir, rank=1, micro=2, batches=6, shuffle_buffer=5)
+    fresh = _take(other, encoder)
+    resumed = list(train_loader(other, encoder, 0, 3, 0, cursors=_saved_cursors(saved[:3])))
+    assert _pairs(resumed) == _pairs(fresh[3:]) != _pairs(saved[3:])
+
+
+def test_a_cursor_that_no_longer_reads_falls_back_to_replaying(shard_dir, encoder, capfd):
+    cfg = _stream(shard_dir, rank=1, micro=2, batches=6)
+    fresh = _take(cfg, encoder)
+    cursors = _saved_cursors(fresh[:3])
+    codes = cursors[1]["stream"]["buffer"]
+    codes[2] += 512  # the first buffered pair's sample as if the shard had changed: no sample begins there
+    resumed = list(train_loader(cfg, encoder, 0, 3, 0, cursors=cursors))
+    assert _pairs(resumed) == _pairs(fresh[3:])
+    assert "data slot 1: its saved place does not read (UnscannableTar" in capfd.readouterr().err
 
 
 def test_resume_past_the_end_yields_nothing(shard_dir, encoder):
@@ -456,13 +521,16 @@ def test_each_eval_shard_is_read_by_one_worker_of_one_rank(shard_dir, monkeypatc
             assert len({r for readers in opened.values() for r in readers}) == world * workers
 
 
-def test_the_seeking_reader_gives_what_the_streaming_one_gives_even_for_foreign_or_cut_tars(shard_dir, tmp_path):
-    """dsmoe's USTAR shards are scanned header by header; a tar with other members (here a pax header for a long
-    key, as Python's tarfile writes) is read on through tarfile; a tar cut anywhere, or with a header that does
-    not read, gives the same samples and the same faults either way."""
+def test_the_scanning_reader_gives_what_tarfile_gives_even_for_foreign_or_cut_tars(shard_dir, tmp_path, monkeypatch):
+    """dsmoe's USTAR shards are scanned header by header, streamed or seeking over the media, from the start or from
+    a sample's saved byte; a tar with other members (here a pax header for a long key, as Python's tarfile writes)
+    is read through tarfile; a tar cut anywhere, or with a header that does not read, gives the samples and faults
+    that reading it through tarfile alone gives, however it is entered."""
     import io
 
-    from dsmoe.data.pipeline import MediaRef, load_media, shard_samples
+    from dsmoe.data import shard_reader
+    from dsmoe.data.shard_reader import MediaRef, load_media, shard_samples
+    from dsmoe.shards.tar import UnscannableTar
 
     original = read_split(shard_dir, "train").shards[0]
     foreign = tmp_path / "foreign.tar"
@@ -477,15 +545,32 @@ def test_the_seeking_reader_gives_what_the_streaming_one_gives_even_for_foreign_
     damaged["garbage"] = data[:2048] + b"x" * 512 + data[2560:]  # a header that does not read
     for name, content in damaged.items():
         (tmp_path / f"{name}.tar").write_bytes(content)
-    for path in (original, str(foreign), *(str(tmp_path / f"{name}.tar") for name in damaged)):
-        streamed, sought, faults_streamed, faults_sought = [], [], [], []
-        for position, sample in shard_samples(path, 5, faults_streamed):
-            streamed.append((position, sample["__key__"], sample.get("json"), sample.get("jpg")))
-        files: dict = {}
-        for position, sample in shard_samples(path, 5, faults_sought, skip_media=lambda: True):
-            assert isinstance(sample["jpg"], MediaRef) or path != original  # others: read on through tarfile
-            sought.append((position, sample["__key__"], sample.get("json"), load_media(sample.get("jpg"), files)))
-        assert sought == streamed, path
-        assert [f.position for f in faults_sought] == [f.position for f in faults_streamed], path
+
+    def read(path, files=None, **kw) -> tuple[list, list]:
+        samples, faults = [], []
+        for position, sample in shard_samples(path, 5, faults, **kw):
+            samples.append((position, sample["__key__"], sample.get("json"), load_media(sample.get("jpg"), files)))
+        return samples, [f.position for f in faults]
+
+    paths = (original, str(foreign), *(str(tmp_path / f"{name}.tar") for name in damaged))
+    sample_ends = {path: [s["__end__"] for _, s in shard_samples(path, 5, [])] for path in paths}
+    assert len(sample_ends[original]) == 5 and None not in sample_ends[original]
+    assert all(end is None for end in sample_ends[str(foreign)][2:])  # through tarfile: no byte places
+    with monkeypatch.context() as m:
+        def unscannable(*args, **kw):
+            raise UnscannableTar("the reference reads through tarfile")
+            yield
+        m.setattr(shard_reader, "scan_members", unscannable)
+        reference = {path: read(path) for path in paths}
+    for path in paths:
+        streamed, files = read(path), {}
+        sought = read(path, files, skip_media=lambda: True)
+        assert streamed == reference[path] == sought, path
+        for start, offset in enumerate([0, *sample_ends[path][:-1]]):  # entered at each sample, as a cursor does
+            entered = read(path, files, start=start, offset=offset)
+            assert entered[0] == reference[path][0][start:], (path, start)
+            assert entered[1] == reference[path][1], (path, start)
         if path in (original, str(foreign)):
-            assert len(streamed) == 5 and not faults_streamed
+            assert len(streamed[0]) == 5 and not streamed[1]
+    with shard_reader._members(original, lambda: True, 0, scan=True) as members:
+        assert all(isinstance(m["data"], MediaRef) for m in members if m["fname"].endswith(".jpg"))

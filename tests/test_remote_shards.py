@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dsmoe.data.faults import SampleFault
-from dsmoe.data.pipeline import EvalImages, TrainStream, TrainStreamConfig, shard_samples
+from dsmoe.data.pipeline import EvalImages, TrainStream, TrainStreamConfig
+from dsmoe.data.shard_reader import shard_samples
 from dsmoe.demo.people import make_synthetic_pedes
 from dsmoe.shards import location
 from dsmoe.shards.format import read_split
@@ -47,14 +48,20 @@ def _same_data(local: str, remote: str, encoder) -> None:
     here, there = read_split(local, "train"), read_split(remote, "train")
     assert there.shards == [location.child(remote, location.file_name(p)) for p in here.shards]
     assert (there.samples, there.captions, there.shard_samples) == (12, 24, [4, 4, 4])
-    for fresh, far in zip(TrainStream(_stream(local), encoder, epoch=1),
-                          TrainStream(_stream(remote), encoder, epoch=1), strict=True):
+    fresh = list(TrainStream(_stream(local), encoder, epoch=1))
+    streamed = list(TrainStream(_stream(remote), encoder, epoch=1))
+    for near, far in zip(fresh, streamed, strict=True):
         for key in ("pid", "text", "image", "erase"):
-            assert torch.equal(fresh[key], far[key])
-    # a resumed stream seeks through the remote shards (ranged reads) and continues on the same batches
-    for fresh, far in zip(list(TrainStream(_stream(local), encoder, epoch=1))[5:],
-                          TrainStream(_stream(remote), encoder, epoch=1, start_batch=5), strict=True):
-        assert torch.equal(fresh["image"], far["image"]) and torch.equal(fresh["text"], far["text"])
+            assert torch.equal(near[key], far[key])
+    assert [b["cursor"].state is None for b in streamed] == [location.is_pipe(remote)] * 7
+    # a resumed stream continues on the same batches: from its cursor, whose samples are read again by ranged
+    # reads (a pipe: source has no cursors), or by replaying the epoch, seeking through the remote shards
+    saved = fresh[4]["cursor"]  # saved reading local shards: it names shards, not where they are
+    remote_cursors = {saved.slot: None if location.is_pipe(remote) else saved.state}
+    for cursors in (remote_cursors, {}):
+        for before, far in zip(fresh[5:], TrainStream(_stream(remote), encoder, epoch=1, start_batch=5,
+                                                      cursors=cursors), strict=True):
+            assert torch.equal(before["image"], far["image"]) and torch.equal(before["text"], far["text"])
     here = [(s.index, s.key, torch.equal(s.image, t.image)) for s, t in
             zip(EvalImages(local, "test", (64, 32), 0, 1), EvalImages(remote, "test", (64, 32), 0, 1), strict=True)]
     assert len(here) == 6 and all(same for *_, same in here)

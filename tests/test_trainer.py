@@ -20,8 +20,14 @@ def test_resume_continues_exactly_where_a_stopped_run_left_off(demo_assets, dist
     marker = json.loads((ckpt / "step00000004" / "COMPLETE").read_text())
     assert marker["global_step"] == 4 and marker["config"]["train"]["max_steps"] == 4
 
+    saved = json.loads((ckpt / "step00000004" / "data_cursors_rank0.json").read_text())
+    assert (saved["epoch"], saved["batch"]) == (0, 4) and saved["cursors"]
+
     second = make_trainer(demo_assets, tmp_path / "resumed", "train.max_steps=7")
     assert second.resume("auto") and second.engine.global_steps == 4 and second.progress.batch == 4
+    # every data slot continues from its saved place (the stream's own tests show it reads nothing before it)
+    assert second.data_cursors.keys() == {int(k) for k in saved["cursors"]}
+    assert all(state["batches"] > 0 for state in second.data_cursors.values())
     second.train()
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert sorted(a) == list(range(1, 8)) and all(a[step] == b[step] for step in range(1, 8)), (a, b)

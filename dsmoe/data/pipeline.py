@@ -3,10 +3,11 @@
 Training: each rank x DataLoader-worker slot reads its own shards (or, with fewer shards than slots,
 every shard keeping every n-th sample), expands each image to one pair per caption, shuffles in a
 buffer, and yields a fixed number of batches per epoch, so every rank takes the same number of steps
-(collectives never hang). All randomness derives from (seed, epoch, slot, sample key), so a resumed run
-replays the batches it already took without their images (it reads the tar headers and captions and seeks over
-the media: ``MediaRef``, read later only for pairs still in the shuffle buffer) and continues on the same data.
-Shards are local files, URLs or pipe: commands (``dsmoe.shards.location``).
+(collectives never hang). All randomness derives from (seed, epoch, slot, sample key), so a resumed run continues
+on the same data: from the cursor its checkpoint saved (``dsmoe.data.slot_stream``; nothing before it is read
+again) or, without a usable one, by replaying the batches it already took without their images (it reads the tar
+headers and captions and seeks over the media, read later only for pairs still in the shuffle buffer).
+Shards are local files, URLs or pipe: commands (``dsmoe.shards.location``), read by ``dsmoe.data.shard_reader``.
 
 Evaluation: every image and caption of a split is read exactly once across all ranks.
 
@@ -16,22 +17,22 @@ set that a resumed stream skips without decoding, so it replays exactly the batc
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import signal
-import tarfile
-import time
-from contextlib import contextmanager
+import sys
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from dsmoe.data.faults import SampleError, SampleFault
+from dsmoe.data.shard_reader import load_media, sample_at, shard_samples
+from dsmoe.data.slot_stream import CODE, Pair, SlotStream, seeded
 from dsmoe.shards import location
-from dsmoe.shards.tar import UnscannableTar, scan_members
+from dsmoe.shards.tar import UnscannableTar
 from dsmoe.shards.format import SOURCE_LANGUAGE, frame_member, read_split, sample_label
 from dsmoe.data.text import CaptionEncoder
 from dsmoe.data.transforms import NO_ERASE, decode_rgb, eval_transform, train_transform
@@ -68,105 +69,19 @@ def _decode(media: bytes | list[bytes], transform) -> torch.Tensor:
     return transform(decode_rgb(media))
 
 
-def shard_samples(path: str, expected: int, faults: list[SampleFault], owns=lambda position: True,
-                  skip_media: Callable[[], bool] | None = None) -> Iterator[tuple[int, dict]]:
-    """(position, raw sample) of one shard (a local path, URL or pipe: command), in order; members are never
-    unpickled. While ``skip_media()`` is true, a seekable shard's media members are not read: they are
-    ``MediaRef``s, read later if needed (``load_media``).
-
-    A remote shard that fails part-way is opened again (``location.RETRIES`` times) and read on from where it
-    failed. Whatever else stops the tar short (truncation, garbage, an empty file) ends the shard: each of its
-    ``expected`` samples not read becomes a fault, for the positions ``owns`` says are this reader's.
-    """
-    name = location.file_name(path)
-    position, error, retries = 0, "", 0 if location.is_local(path) else location.RETRIES
-    while True:
-        try:
-            with _members(path, skip_media) as members:
-                for index, sample in enumerate(_grouped(members, name)):
-                    if index >= position:  # after a retry: the samples before were already given
-                        yield position, sample
-                        position += 1
-            break
-        except UnscannableTar:
-            skip_media = None  # not a whole tar as dsmoe writes them: read on through tarfile, which judges damage
-        except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
-            error = f" ({type(exc).__name__}: {str(exc).split(' @ ')[0]})"
-            if retries == 0 or isinstance(exc, FileNotFoundError):
-                break
-            retries -= 1
-            time.sleep(location.RETRY_WAIT)
-    problem = f"unreadable: the tar ends after {position} of {expected} samples{error}"
-    if position > expected and owns(expected):
-        faults.append(SampleFault(name, expected, f"the shard holds {position} samples, its manifest {expected}"))
-    faults.extend(SampleFault(name, p, problem) for p in range(position, expected) if owns(p))
-
-
-@dataclass(frozen=True)
-class MediaRef:
-    """Where a member's bytes are in its shard: a resumed stream seeks past the media of the samples it skips."""
-
-    address: str
-    offset: int
-    size: int
-
-
-@contextmanager
-def _members(path: str, skip_media: Callable[[], bool] | None) -> Iterator[Iterator[dict]]:
-    """The tar members of a shard as ``{"fname", "data"}``, read through (or, with ``skip_media``, from a seekable
-    file: header by header, the media's bytes left where they are while ``skip_media()``)."""
-    seekable = location.open_random(path) if skip_media is not None else None
-    if seekable is None:
-        with location.open_stream(path) as stream:
-            yield tar_file_iterator(stream)
-        return
-    with seekable:
-        def members() -> Iterator[dict]:
-            for name, offset, size, data in scan_members(seekable, lambda n: n.endswith(".json") or not skip_media()):
-                yield {"fname": name, "data": MediaRef(path, offset, size) if data is None else data}
-        yield members()
-
-
-def load_media(media, files: dict) -> bytes | list[bytes]:
-    """``media`` with every ``MediaRef`` read (``files``: address -> open seekable file, kept for later reads)."""
-    if isinstance(media, list):
-        return [load_media(item, files) for item in media]
-    if not isinstance(media, MediaRef):
-        return media
-    if media.address not in files:
-        files[media.address] = location.open_random(media.address)
-    f = files[media.address]
-    f.seek(media.offset)
-    data = f.read(media.size)
-    if len(data) != media.size:
-        raise EOFError(f"{location.file_name(media.address)} ends inside a member")
-    return data
-
-
-def _grouped(members: Iterator[dict], shard: str) -> Iterator[dict]:
-    """Consecutive tar members sharing a key as one sample: ``{"__key__", "__shard__", ext: bytes, ...}``."""
-    current: dict | None = None
-    for member in members:
-        key, ext = base_plus_ext(member["fname"])
-        if key is None:
-            continue
-        if current is not None and key != current["__key__"]:
-            yield current
-            current = None
-        if current is None:
-            current = {"__key__": key, "__shard__": shard}
-        current[ext.lower()] = member["data"]
-    if current is not None:
-        yield current
-
-
 def _slot() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-def _rng(*parts) -> random.Random:
-    return random.Random("/".join(str(p) for p in parts))
+@dataclass(frozen=True)
+class DataCursor:
+    """Where slot ``slot``'s stream is after a batch: the ``state`` a resumed ``TrainStream`` continues from
+    (``cursors``); None where a buffered pair's sample cannot be read again from a known byte (a pipe: source, a
+    damaged shard read through tarfile)."""
+
+    slot: int
+    state: dict | None
 
 
 @dataclass
@@ -192,6 +107,7 @@ class CaptionPairs:
 
     def __init__(self, encoder: CaptionEncoder, language: str = SOURCE_LANGUAGE, corruption: float = 0.0):
         self.encoder, self.language, self.corruption = encoder, language, corruption
+        self.languages = [language]
 
     def expand(self, meta: dict) -> list[tuple]:
         return list(enumerate(meta["captions"].get(self.language, [])))
@@ -226,89 +142,66 @@ class TranslationPairs:
                 "language": torch.tensor([payload[2] for _, _, payload in items])}
 
 
-class Pair(NamedTuple):
-    """One training pair before decoding: where it comes from, its media bytes, label and text payload."""
-
-    key: str
-    c: object  # which caption of the sample (index, or language + index)
-    media: bytes | list[bytes] | None
-    label: int
-    payload: object
-    shard: str
-    position: int
-
-
 class TrainStream(IterableDataset):
     """Micro-batches for one rank and one epoch, starting after ``start_batch`` already-taken batches.
 
     ``texts`` turns a sample's captions into training pairs and a batch of pairs into tensors (``CaptionPairs``
     for DM-Adapter, ``TranslationPairs`` for DASD; a bare ``CaptionEncoder`` means ``CaptionPairs``).
     ``known_bad``: identities of samples found unusable so far (``FaultLog.known_bad``).
+    ``cursors``: slot -> the ``DataCursor.state`` of the slot's last batch before ``start_batch``, as a checkpoint
+    keeps them; a slot without a usable one replays its epoch up to ``start_batch``.
+    Each batch carries its slot's ``DataCursor`` (``"cursor"``) and the faults found since the last (``"faults"``).
     """
 
     def __init__(self, cfg: TrainStreamConfig, texts, epoch: int, start_batch: int = 0,
-                 known_bad: frozenset[str] = frozenset()):
+                 known_bad: frozenset[str] = frozenset(), cursors: dict[int, dict] | None = None):
         super().__init__()
         if isinstance(texts, CaptionEncoder):
             texts = CaptionPairs(texts, cfg.language, cfg.corruption)
         self.cfg, self.texts, self.epoch, self.start_batch = cfg, texts, epoch, start_batch
         self.info = read_split(cfg.shard_dir, cfg.split)
+        self._rows = {location.file_name(address): row for row, address in enumerate(self.info.shards)}
         self.known_bad = set(known_bad)
+        self.cursors = cursors or {}
         self.faults: list[SampleFault] = []  # found since the last batch was yielded
-        self._skipping = False  # taking the batches a resumed run already trained on: media are not read
+        self.skipping = False  # taking the batches a resumed run already trained on: media are not read
         self._files: dict = {}  # shards opened to read media skipped over (load_media)
 
-    def _pairs(self, slot: int, slots: int, cycle: int) -> Iterator[Pair]:
-        shards = list(zip(self.info.shards, self.info.shard_samples))
-        _rng(self.cfg.seed, self.epoch, cycle, "shards").shuffle(shards)
-        if len(shards) >= slots:
-            shards, keep = shards[slot::slots], None
-        else:
-            keep = slot
-        base = 0  # manifest index of the shard's first sample: a broken shard does not shift the ones after it
-        for path, expected in shards:
-            def owns(position: int, base: int = base) -> bool:
-                return keep is None or (base + position) % slots == keep
+    def sample_pairs(self, sample: dict, position: int) -> list[Pair]:
+        """The training pairs of one raw sample; none (and a fault) when it is unusable."""
+        try:
+            meta, media = sample_content(sample, self.cfg.load_images)
+        except SampleError as exc:
+            self.faults.append(SampleFault(sample["__shard__"], position, str(exc), sample["__key__"]))
+            return []
+        label, key, shard = sample_label(meta), sample["__key__"], sample["__shard__"]
+        row, start = self._rows[shard], sample["__start__"]
+        if start is None or location.is_pipe(self.info.shards[row]):  # no byte to read the sample from again
+            start = -1
+        return [Pair(key, c, media, label, payload, shard, position, (row, position, start, index))
+                for index, (c, payload) in enumerate(self.texts.expand(meta))]
 
-            skip_media = (lambda: self._skipping) if self._skipping else None
-            for position, sample in shard_samples(path, expected, self.faults, owns, skip_media):
-                if not owns(position):
-                    continue
-                try:
-                    meta, media = sample_content(sample, self.cfg.load_images)
-                except SampleError as exc:
-                    self.faults.append(SampleFault(sample["__shard__"], position, str(exc), sample["__key__"]))
-                    continue
-                label = sample_label(meta)
-                for c, payload in self.texts.expand(meta):
-                    yield Pair(sample["__key__"], c, media, label, payload, sample["__shard__"], position)
-            base += expected
+    def pairs_at(self, codes) -> list[Pair]:
+        """The pairs of a cursor's ``Pair.code``s (flat), their samples read again from the shards: captions and
+        headers, the media left as ``MediaRef``s."""
+        samples: dict[tuple[int, int], list[Pair]] = {}
+        pairs = []
+        for i in range(0, len(codes), CODE):
+            row, position, start, index = codes[i:i + CODE]
+            if (row, position) not in samples:
+                sample = sample_at(self.info.shards[row], start, self._files)
+                samples[row, position] = self.sample_pairs(sample, position)
+            pairs.append(samples[row, position][index])
+        return pairs
 
-    def _shuffled(self, slot: int, slots: int) -> Iterator[Pair]:
-        """The slot's pairs in shuffled order, cycled; pairs of samples known to be unusable are left out."""
-        cycle, empty_cycles = 0, 0
-        while True:  # cycle the slot's data until the epoch's fixed length is reached
-            rng = _rng(self.cfg.seed, self.epoch, slot, cycle, "buffer")
-            buffer: list[Pair] = []
-            usable = False
-            for pair in self._pairs(slot, slots, cycle):
-                buffer.append(pair)
-                if len(buffer) >= self.cfg.shuffle_buffer:
-                    pair = buffer.pop(rng.randrange(len(buffer)))
-                    if pair.key not in self.known_bad:
-                        usable = True
-                        yield pair
-            rng.shuffle(buffer)
-            for pair in buffer:
-                if pair.key not in self.known_bad:
-                    usable = True
-                    yield pair
-            empty_cycles = 0 if usable else empty_cycles + 1
-            if empty_cycles > len(self.info.shards):  # each cycle deals the shards anew: give every shard a chance
-                found = f" ({len(self.faults)} unusable samples, e.g. {self.faults[0]})" if self.faults else ""
-                raise RuntimeError(f"data slot {slot} of {slots} received no usable samples from "
-                                   f"{self.cfg.shard_dir}{found}")
-            cycle += 1
+    def identity(self, slot: int, slots: int) -> str:
+        """A digest of what a slot's pair order depends on: a cursor saved under other settings is not used."""
+        cfg = self.cfg
+        settings = {"split": cfg.split, "seed": cfg.seed, "epoch": self.epoch, "slot": slot, "slots": slots,
+                    "shuffle_buffer": cfg.shuffle_buffer, "micro_batch": cfg.micro_batch,
+                    "load_images": cfg.load_images, "languages": list(self.texts.languages),
+                    "shards": [[location.file_name(a), n] for a, n in zip(self.info.shards, self.info.shard_samples)]}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
     def __iter__(self):
         worker, workers = _slot()
@@ -319,21 +212,41 @@ class TrainStream(IterableDataset):
         role = (worker + self.start_batch) % workers
         slot, slots = cfg.rank * workers + role, cfg.world_size * workers
         mine = range(role, cfg.batches_per_epoch, workers)
-        skip = len(range(role, min(self.start_batch, cfg.batches_per_epoch), workers))
-        pairs = self._shuffled(slot, slots)
-        self._skipping = True
-        for _ in range(skip):  # the batches already taken, without reading or decoding any image
-            self._take(pairs, decode=False)
-        self._skipping = False
+        taken = len(range(role, min(self.start_batch, cfg.batches_per_epoch), workers))
+        identity = self.identity(slot, slots)
+        saved = self.cursors.get(slot)
         try:
-            for _ in range(len(mine) - skip):
+            pairs = None
+            if saved is not None and saved["identity"] == identity and saved["batches"] == taken:
+                pairs = self._restored(slot, slots, saved["stream"])
+            if pairs is None:
+                pairs = SlotStream(self, slot, slots)
+                self.skipping = True
+                for _ in range(taken):  # the batches already taken, without reading or decoding any image
+                    self._take(pairs, decode=False)
+                self.skipping = False
+            while taken < len(mine):
                 batch = self._collate(*self._take(pairs, decode=cfg.load_images))
-                batch["faults"], self.faults = self.faults, []
+                taken += 1
+                place = pairs.cursor()
+                batch["cursor"] = DataCursor(slot, None if place is None else
+                                             {"identity": identity, "batches": taken, "stream": place})
+                batch["faults"] = list(self.faults)
+                self.faults.clear()  # in place: an open shard reader appends its end-of-shard faults to this list
                 yield batch
         finally:
             for f in self._files.values():
                 f.close()
             self._files.clear()
+
+    def _restored(self, slot: int, slots: int, cursor: dict) -> SlotStream | None:
+        try:
+            return SlotStream(self, slot, slots, cursor)
+        except (UnscannableTar, OSError, EOFError, IndexError) as exc:  # the shards changed since it was saved
+            self.faults.clear()
+            print(f"[dsmoe] data slot {slot}: its saved place does not read ({type(exc).__name__}: {exc}); "
+                  f"replaying the epoch's order up to it instead", file=sys.stderr, flush=True)
+            return None
 
     def _take(self, pairs: Iterator[Pair], decode: bool) -> tuple[list[Pair], list[torch.Tensor], list[tuple]]:
         """The next micro-batch of usable pairs (their decoded uint8 images and erase boxes): a pair whose image does
@@ -361,7 +274,7 @@ class TrainStream(IterableDataset):
         media = load_media(pair.media, self._files)  # read now if the stream skipped over it
         if not cfg.augment:
             return _decode(media, lambda img: eval_transform(img, cfg.image_size)), NO_ERASE
-        state = _rng(cfg.seed, self.epoch, pair.key, pair.c, "image").getstate()
+        state = seeded(cfg.seed, self.epoch, pair.key, pair.c, "image").getstate()
         boxes = []
 
         def transform(img):  # every frame of a video gets the same augmentation
@@ -375,7 +288,7 @@ class TrainStream(IterableDataset):
     def _collate(self, pairs: list[Pair], images: list[torch.Tensor], boxes: list[tuple]) -> dict:
         cfg = self.cfg
         batch = self.texts.collate([(p.key, p.c, p.payload) for p in pairs],
-                                   lambda key, c: _rng(cfg.seed, self.epoch, key, c, "text"))
+                                   lambda key, c: seeded(cfg.seed, self.epoch, key, c, "text"))
         batch["pid"] = torch.tensor([p.label for p in pairs])
         if cfg.load_images:
             batch["image"] = torch.stack(images)  # uint8: normalised on the device (transforms.normalize)
@@ -399,8 +312,8 @@ def ignore_job_signals(_worker: int) -> None:
 
 
 def train_loader(cfg: TrainStreamConfig, texts, epoch: int, start_batch: int, workers: int,
-                 known_bad: frozenset[str] = frozenset()) -> DataLoader:
-    stream = TrainStream(cfg, texts, epoch, start_batch, known_bad)
+                 known_bad: frozenset[str] = frozenset(), cursors: dict[int, dict] | None = None) -> DataLoader:
+    stream = TrainStream(cfg, texts, epoch, start_batch, known_bad, cursors)
     return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
                       worker_init_fn=ignore_job_signals)
 

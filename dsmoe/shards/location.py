@@ -90,17 +90,30 @@ def _fsspec_open(address: str, **options):
                                f"s3fs (s3://), gcsfs (gs://) or aiohttp (http://)") from None
 
 
-def _http_stream(address: str) -> BinaryIO:
-    """One streamed GET (fsspec's would ask for the size first and call any failure a missing file)."""
+def _http_stream(address: str, offset: int = 0) -> BinaryIO:
+    """One streamed GET from byte ``offset`` on (fsspec's would ask for the size first and call any failure a
+    missing file)."""
     import requests
 
-    response = requests.get(address, stream=True, timeout=60)
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    response = requests.get(address, stream=True, timeout=60, headers=headers)
     if response.status_code == 404:
         response.close()
         raise FileNotFoundError(f"{address} (HTTP 404)")
     response.raise_for_status()
     response.raw.decode_content = True
+    if offset and response.status_code != 206:  # the server sent the whole file
+        _discard(response.raw, offset)
     return response.raw
+
+
+def _discard(stream: BinaryIO, size: int) -> None:
+    """Read past ``size`` bytes of a stream."""
+    while size > 0:
+        chunk = stream.read(min(size, 1 << 20))
+        if not chunk:
+            raise EOFError("the file ends before the place to read from")
+        size -= len(chunk)
 
 
 def read_bytes(address: str | Path) -> bytes:
@@ -116,18 +129,27 @@ def read_bytes(address: str | Path) -> bytes:
 
 
 @contextmanager
-def open_stream(address: str | Path, retries: bool = True) -> Iterator[BinaryIO]:
-    """The file at ``address`` for reading from start to end (opening retried for remote files)."""
+def open_stream(address: str | Path, retries: bool = True, offset: int = 0) -> Iterator[BinaryIO]:
+    """The file at ``address`` for reading from byte ``offset`` to the end (opening retried for remote files)."""
     address = str(address)
     if is_local(address):
         with open(address, "rb") as f:
+            f.seek(offset)
             yield f
     elif is_pipe(address):
         with _pipe(address) as f:
+            _discard(f, offset)
             yield f
     else:
-        opener = _http_stream if address.startswith(("http://", "https://")) else _fsspec_open
-        stream = _with_retries(address, lambda: opener(address)) if retries else opener(address)
+        if address.startswith(("http://", "https://")):
+            def opener():
+                return _http_stream(address, offset)
+        else:
+            def opener():
+                f = _fsspec_open(address)
+                f.seek(offset)
+                return f
+        stream = _with_retries(address, opener) if retries else opener()
         try:
             yield stream
         finally:
