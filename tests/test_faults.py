@@ -107,6 +107,18 @@ def test_training_stream_skips_and_reports_every_kind_of_unusable_sample(intact,
         assert set(taken.values()) == {3}
 
 
+def test_a_shard_lost_part_way_is_reported_even_after_batches_left_the_worker(intact, encoder, tmp_path):
+    """The samples after the garbage are only known lost when the reader reaches it, several batches after the
+    shard was opened: their faults still reach the loop (from a loader worker, through the queue)."""
+    shard_dir = fs.copy_shards(intact, tmp_path / "shards")
+    fs.garbage_inside(shard_dir / "train-000000.tar", 3)
+    cfg = TrainStreamConfig(shard_dir=str(shard_dir), split="train", image_size=IMAGE_SIZE, micro_batch=1,
+                            batches_per_epoch=40, rank=0, world_size=1, seed=3, shuffle_buffer=1)
+    batches = list(train_loader(cfg, encoder, 0, 0, workers=1))  # 30 pairs a cycle: the shard is read twice
+    faults = [(f.identity, i) for i, b in enumerate(batches) for f in b["faults"]]
+    assert {identity for identity, _ in faults} == {"train-000000.tar#3"} and faults[0][1] > 0, faults
+
+
 def test_a_resumed_stream_replays_the_batches_around_undecodable_images(faulty, encoder):
     shard_dir, _, _ = faulty
     cfg = _stream(shard_dir, batches=10)
