@@ -6,10 +6,10 @@ randomness derives from (seed, epoch, slot, cycle), so the order is fixed by the
 
 ``SlotStream.cursor()`` is the stream's place: the shard and byte it reads next, the random state, and the buffer's
 pairs as ``Pair.code``s, kept in an int64 array beside the buffer, so that the cursor every batch carries costs a
-copy of that array, not a walk over the buffer. A stream made from a cursor continues exactly
-as the saved one would have, reading nothing before the saved place, so a resumed run starts as quickly at 90% of an
-epoch as at 10%. A cursor needs a place to read every buffered pair's media again: a ``pipe:`` source, or a
-damaged shard read through tarfile, gives none, and such a stream is resumed by replaying the epoch instead
+copy of that array, not a walk over the buffer. A stream made from a cursor continues exactly as the saved one would
+have, reading nothing before the saved place, so a resumed run starts as quickly at 90% of an epoch as at 10%. A
+cursor needs the byte where each buffered pair's sample begins, to read it again: a ``pipe:`` source, or a damaged
+shard read through tarfile, gives none, and such a stream is resumed by replaying the epoch instead
 (``TrainStream``).
 """
 from __future__ import annotations
