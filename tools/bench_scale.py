@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         table.add(f"resume start-up from the saved cursor at 0% / 10% / 90% of {r['batches_per_epoch']:,} batches",
                   f"{c['0%']:.2f} / {c['10%']:.2f} / {c['90%']:.2f} s", "90% <= 1.5x10%+0.1s",
                   c["90%"] <= 1.5 * c["10%"] + 0.1)
-        table.add("  without a cursor (replaying the epoch's order)", f"{p['0%']:.2f} / {p['10%']:.2f} / {p['90%']:.2f} s")
+        table.add("  without a cursor (replaying the epoch's order)",
+                  f"{p['0%']:.2f} / {p['10%']:.2f} / {p['90%']:.2f} s")
     if "evaluate" in sections:
         for name, where in (("test", shards), ("icfg", icfg)):
             e = figures[f"evaluate_{name}"] = evaluate(run, where, "test")
