@@ -122,10 +122,10 @@ def train(work: Path, shards: str, clip: Path, steps: int, run: Path, env: dict 
     steps_logged = [r for r in records if "samples_per_s" in r][1:]  # the first interval includes start-up
     test = next(r for r in records if r.get("event") == "test")
     last_step = max(r["time"] for r in records if "samples_per_s" in r)
+    samples_per_s = sum(r["samples_per_s"] for r in steps_logged) / len(steps_logged)
     return {"seconds": result["seconds"], "peak_rss_mib": result["peak_rss_mib"],
             "rank0_training_rss_mib": training_rss[-1] * 1024,
-            "samples_per_s": sum(r["samples_per_s"] for r in steps_logged) / len(steps_logged),
-            "steps_per_s": sum(r["samples_per_s"] for r in steps_logged) / len(steps_logged) / 32,
+            "samples_per_s": samples_per_s, "steps_per_s": samples_per_s / int(sets["train.batch_size"]),
             "data_wait": sum(r["data_wait"] for r in steps_logged) / len(steps_logged),
             "test_seconds": test["time"] - last_step, "test": {k: test[k] for k in ("R1", "images", "captions")}}
 

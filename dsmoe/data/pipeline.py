@@ -176,7 +176,7 @@ class TrainStream(IterableDataset):
             return []
         label, key, shard = sample_label(meta), sample["__key__"], sample["__shard__"]
         row, start = self._rows[shard], sample["__start__"]
-        if start is None or location.is_pipe(self.info.shards[row]):  # no byte to read the sample from again
+        if start is None:  # no byte to read the sample from again
             start = -1
         return [Pair(key, c, media, label, payload, shard, position, (row, position, start, index))
                 for index, (c, payload) in enumerate(self.texts.expand(meta))]

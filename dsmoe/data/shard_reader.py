@@ -39,7 +39,8 @@ def shard_samples(path: str, expected: int, faults: list[SampleFault], owns=lamb
     by reading from the shard's start); members are never unpickled.
 
     A sample is ``{"__key__", "__shard__", ext: bytes, ..., "__start__": byte offset of its first member,
-    "__end__": after its last}`` (the offsets None where the shard is read through tarfile). While
+    "__end__": after its last}`` (the offsets None where the shard is read through tarfile; ``__start__`` None too
+    where the shard cannot be read from a byte again, a pipe: command). While
     ``skip_media()`` is true, a seekable shard's media are not read: they are ``MediaRef``s, to be read if needed.
 
     A remote shard that fails part-way is opened again (``location.RETRIES`` times) and read on from where it
@@ -48,13 +49,15 @@ def shard_samples(path: str, expected: int, faults: list[SampleFault], owns=lamb
     """
     name = location.file_name(path)
     position, error, retries = start, "", 0 if location.is_local(path) else location.RETRIES
-    scan = True
+    scan, rereadable = True, not location.is_pipe(path)
     while True:
         entry, index = (offset, start) if scan and offset is not None else (0, 0)  # where reading starts: its byte
         try:                                                                         # and its sample's position
             with _members(path, skip_media if scan else None, entry, scan) as members:
                 for sample in _grouped(members, name):
                     if index >= position:  # samples already given (after a retry, or before ``start``) are passed
+                        if not rereadable:
+                            sample["__start__"] = None
                         yield position, sample
                         position += 1
                     index += 1
@@ -103,9 +106,7 @@ def _scanned(f, path: str, wanted: Callable[[str], bool], offset: int) -> Iterat
 def sample_at(path: str, offset: int, files: dict) -> dict:
     """The sample whose first member begins at byte ``offset`` of a seekable shard (``files``: as ``load_media``),
     its media left as ``MediaRef``s. ``UnscannableTar`` where no sample dsmoe wrote begins there."""
-    if path not in files:
-        files[path] = location.open_random(path)
-    members = _scanned(files[path], path, lambda member: member.endswith(".json"), offset)
+    members = _scanned(_opened(path, files), path, lambda member: member.endswith(".json"), offset)
     for sample in _grouped(members, location.file_name(path)):
         return sample
     raise UnscannableTar(f"no sample at byte {offset} of {path}")
@@ -117,14 +118,19 @@ def load_media(media, files: dict) -> bytes | list[bytes]:
         return [load_media(item, files) for item in media]
     if not isinstance(media, MediaRef):
         return media
-    if media.address not in files:
-        files[media.address] = location.open_random(media.address)
-    f = files[media.address]
+    f = _opened(media.address, files)
     f.seek(media.offset)
     data = f.read(media.size)
     if len(data) != media.size:
         raise EOFError(f"{location.file_name(media.address)} ends inside a member")
     return data
+
+
+def _opened(address: str, files: dict):
+    """The open seekable file of ``address`` in ``files``, opened on first use."""
+    if address not in files:
+        files[address] = location.open_random(address)
+    return files[address]
 
 
 def _grouped(members: Iterator[dict], shard: str) -> Iterator[dict]:
