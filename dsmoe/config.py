@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from dsmoe import methods
+from dsmoe.shards.location import RemoteReads
 from dsmoe.schema import ConfigError, at_least, from_dict, location, locations, looks_local, positive, ranged, share
 
 DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "dm_adapter" / "demo.yaml"
@@ -82,6 +83,11 @@ class DataConfig:
     bad JSON, undecodable image); fewer are skipped, counted and reported."""
     max_bad_count: int | None = at_least(0, None)
     """The same limit as a number of samples; when set it replaces ``max_bad_share`` (0: stop at the first)."""
+    checksums: bool = True
+    """Check every shard read whole from its start against its manifest's sha256 as it streams (its size is
+    checked whenever it is opened); a shard that differs is a fault naming it."""
+    remote: RemoteReads = field(default_factory=RemoteReads)
+    """Retries and deadlines of shards read from a server, an object store or a ``pipe:`` command."""
 
 
 @dataclass

@@ -28,7 +28,7 @@ from dsmoe.cli import RUN_CONFIG, add_config_arguments  # noqa: E402
 from dsmoe.config import ConfigError, RunConfig, load_config  # noqa: E402
 from dsmoe.launcher import launched_world_size  # noqa: E402
 from dsmoe.shards.format import manifest_address, read_split  # noqa: E402
-from dsmoe.shards.location import read_bytes  # noqa: E402
+from dsmoe.shards.location import DEFAULT_READS, RemoteReads, read_bytes  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -73,7 +73,7 @@ def gallery_stamp(cfg: RunConfig, source: str | Path, split: str) -> dict:
     path = Path(source)
     weights = path if is_portable(path) else path / "COMPLETE"
     shards = cfg.data.eval_shards or cfg.data.shards
-    manifest = read_bytes(manifest_address(shards, split))
+    manifest = read_bytes(manifest_address(shards, split), cfg.data.remote)
     return {"version": GALLERY_VERSION, "weights": str(weights.resolve()), "written": weights.stat().st_mtime_ns,
             "manifest": hashlib.sha256(manifest).hexdigest(), "split": split, "image_size": list(cfg.model.image_size)}
 
@@ -162,18 +162,20 @@ def split_captions(gallery: Gallery, language: str, count: int) -> list[str]:
     return captions[:count]
 
 
-def gallery_images(shard_dir: str, split: str, indices: Iterable[int]) -> dict[int, bytes]:
+def gallery_images(shard_dir: str, split: str, indices: Iterable[int],
+                   reads: RemoteReads = DEFAULT_READS) -> dict[int, bytes]:
     """The JPEG bytes of the split's samples at ``indices`` (a video's first frame), read from their shards."""
     from dsmoe.data.pipeline import sample_content, shard_samples
 
-    info = read_split(shard_dir, split)
+    info = read_split(shard_dir, split, reads=reads)
     wanted = sorted(set(indices))
     found: dict[int, bytes] = {}
     base = 0
-    for path, count in zip(info.shards, info.shard_samples):
+    for shard in info.entries:
+        count = shard.samples
         mine = {i - base for i in wanted if base <= i < base + count}
         if mine:
-            for position, sample in shard_samples(path, count, []):
+            for position, sample in shard_samples(shard, [], reads=reads):
                 if position in mine:
                     _, media = sample_content(sample, need_media=True)
                     found[base + position] = media[0] if isinstance(media, list) else media
@@ -198,9 +200,11 @@ def write_page(path: Path, answers: list[Answer], images: dict[int, bytes], titl
         for hit in answer.hits:
             kind = "" if hit.match is None else " match" if hit.match else " miss"
             data = base64.b64encode(images[hit.index]).decode("ascii")
-            parts.append(f"<figure class='hit{kind}' data-key='{hit.key}' data-rank='{hit.rank}'>"
-                         f"<img src='data:image/jpeg;base64,{data}' alt='{hit.key}'><figcaption>#{hit.rank} "
-                         f"{hit.score:.3f}<br>{hit.key}<br>label {hit.label}</figcaption></figure>")
+            key = html.escape(str(hit.key), quote=True)
+            label = html.escape(str(hit.label), quote=True)
+            parts.append(f"<figure class='hit{kind}' data-key='{key}' data-rank='{hit.rank}'>"
+                         f"<img src='data:image/jpeg;base64,{data}' alt='{key}'><figcaption>#{hit.rank} "
+                         f"{hit.score:.3f}<br>{key}<br>label {label}</figcaption></figure>")
         parts.append("</section>")
     parts.append("</body></html>")
     write_atomic(path, "\n".join(parts))
@@ -245,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.top_k < 1:
             raise ConfigError("--top-k must be at least 1")
+        queries = [query.strip() for query in args.query]
+        if not all(queries):
+            raise ConfigError("--query: an empty query (give the words to search for)")
         if launched_world_size() != 1:
             raise ConfigError("run retrieval in a single process (python -m dsmoe.retrieve)")
         check_checkpoint(args.checkpoint)
@@ -253,7 +260,6 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"no config.yaml found for {args.checkpoint}: pass --config")
         cfg = load_config(config, args.set)
         cfg.check_models()
-        queries = list(args.query)
         if args.queries:
             text = sys.stdin.read() if args.queries == "-" else Path(args.queries).read_text(encoding="utf-8")
             queries += [line.strip() for line in text.splitlines() if line.strip()]
@@ -294,7 +300,7 @@ def write_results(retriever: Retriever, cfg: RunConfig, split: str, answers: lis
     """The results page of ``answers`` (default: ``results.html`` beside the gallery); returns its path."""
     page = page or retriever.folder / "results.html"
     images = gallery_images(cfg.data.eval_shards or cfg.data.shards, split,
-                            {hit.index for answer in answers for hit in answer.hits})
+                            {hit.index for answer in answers for hit in answer.hits}, cfg.data.remote)
     title = f"{retriever.source}: {split} ({len(retriever.gallery.keys):,} images), {retriever.language} queries"
     write_page(page, answers, images, title)
     return page

@@ -1,6 +1,12 @@
-"""Damage WebDataset shards the ways real data goes bad (the manifests keep describing the intact shards)."""
+"""Damage WebDataset shards the ways real data goes bad.
+
+The manifests keep describing the intact shards, as when a shard is damaged in storage after it was written:
+readers then refuse a shard whose size differs from its manifest's and fault a shard whose content does. Damage
+made before the manifest was written (the source had it) is modelled by ``restate_manifests``, which makes the
+manifests describe the damaged shards, so that the readers meet the damage sample by sample."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -89,6 +95,16 @@ def empty_tar(path: Path) -> None:
 
 def zero_bytes(path: Path) -> None:
     path.write_bytes(b"")
+
+
+def restate_manifests(shard_dir: Path) -> None:
+    """Make every manifest of ``shard_dir`` record its shards' present size and sha256 (sample counts unchanged)."""
+    for manifest_path in shard_dir.glob("*.manifest.json"):
+        manifest = json.loads(manifest_path.read_text())
+        for shard in manifest["shards"]:
+            data = (shard_dir / shard["name"]).read_bytes()
+            shard["bytes"], shard["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+        manifest_path.write_text(json.dumps(manifest, indent=2))
 
 
 def copy_shards(src: Path, dst: Path) -> Path:

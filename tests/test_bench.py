@@ -32,7 +32,8 @@ def test_quick_benchmark_prints_every_row_and_the_metrics_agree(tmp_path):
                 "recall_metrics COCO 5k: dense time / dsmoe time",
                 "DM-Adapter step / full fine-tune step (1 thread)",
                 "DM-Adapter step / frozen forward + backward (1 thread)",
-                "shard reader / folder reader, 2 workers", "shard reader / folder reader, 0 workers"]
+                "shard reader / folder reader, 2 workers", "shard reader / folder reader, 0 workers",
+                "shard reader with sha256 checks / without, 0 workers"]
     for name in expected:
         assert any(figure.startswith(name) for figure in rows), (name, sorted(rows))
     assert not any("metrics differ" in figure for figure in rows)

@@ -299,7 +299,7 @@ def test_a_resumed_stream_seeks_over_the_images_it_skips(encoder, tmp_path, monk
             yield _CountedFile(f, counter)
 
     monkeypatch.setattr(location, "open_stream", counted_stream)
-    monkeypatch.setattr(location, "open_random", lambda address: _CountedFile(random_access(address), counter))
+    monkeypatch.setattr(location, "open_random", lambda *a, **kw: _CountedFile(random_access(*a, **kw), counter))
     cfg = TrainStreamConfig(shard_dir=str(tmp_path / "shards"), split="train", image_size=(64, 32), micro_batch=2,
                             batches_per_epoch=12, rank=0, world_size=1, seed=3, shuffle_buffer=3)
     fresh = list(TrainStream(cfg, encoder, epoch=0))
@@ -335,9 +335,9 @@ def test_a_stream_resumed_from_its_cursors_continues_on_the_same_batches(shard_d
     opened = []
     real = slot_stream.shard_samples
 
-    def recorded(path, expected, faults, owns, skip_media, start, offset):
+    def recorded(shard, faults, owns, skip_media, start, offset, *rest):
         opened.append((start, offset, skip_media))
-        return real(path, expected, faults, owns, skip_media, start, offset)
+        return real(shard, faults, owns, skip_media, start, offset, *rest)
 
     monkeypatch.setattr(slot_stream, "shard_samples", recorded)
     entered_mid_shard = 0
@@ -500,9 +500,9 @@ def test_each_eval_shard_is_read_by_one_worker_of_one_rank(shard_dir, monkeypatc
     opened: dict[str, list] = {}
     real_shard_samples = pipeline.shard_samples
 
-    def counting(path, *args, **kwargs):
-        opened.setdefault(Path(str(path)).name, []).append(reader)
-        return real_shard_samples(path, *args, **kwargs)
+    def counting(shard, *args, **kwargs):
+        opened.setdefault(Path(shard.address).name, []).append(reader)
+        return real_shard_samples(shard, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "shard_samples", counting)
     shards = read_split(shard_dir, "train").shards
@@ -530,6 +530,8 @@ def test_the_scanning_reader_gives_what_tarfile_gives_even_for_foreign_or_cut_ta
 
     from dsmoe.data import shard_reader
     from dsmoe.data.shard_reader import MediaRef, load_media, shard_samples
+    from dsmoe.shards.format import ShardEntry
+    from dsmoe.shards.location import DEFAULT_READS
     from dsmoe.shards.tar import UnscannableTar
 
     original = read_split(shard_dir, "train").shards[0]
@@ -548,12 +550,12 @@ def test_the_scanning_reader_gives_what_tarfile_gives_even_for_foreign_or_cut_ta
 
     def read(path, files=None, **kw) -> tuple[list, list]:
         samples, faults = [], []
-        for position, sample in shard_samples(path, 5, faults, **kw):
+        for position, sample in shard_samples(ShardEntry(path, 5), faults, **kw):
             samples.append((position, sample["__key__"], sample.get("json"), load_media(sample.get("jpg"), files)))
         return samples, [f.position for f in faults]
 
     paths = (original, str(foreign), *(str(tmp_path / f"{name}.tar") for name in damaged))
-    sample_ends = {path: [s["__end__"] for _, s in shard_samples(path, 5, [])] for path in paths}
+    sample_ends = {path: [s["__end__"] for _, s in shard_samples(ShardEntry(path, 5), [])] for path in paths}
     assert len(sample_ends[original]) == 5 and None not in sample_ends[original]
     assert all(end is None for end in sample_ends[str(foreign)][2:])  # through tarfile: no byte places
     with monkeypatch.context() as m:
@@ -572,5 +574,5 @@ def test_the_scanning_reader_gives_what_tarfile_gives_even_for_foreign_or_cut_ta
             assert entered[1] == reference[path][1], (path, start)
         if path in (original, str(foreign)):
             assert len(streamed[0]) == 5 and not streamed[1]
-    with shard_reader._members(original, lambda: True, 0, scan=True) as members:
+    with shard_reader._members(ShardEntry(original, 5), lambda: True, 0, True, DEFAULT_READS, True) as (members, _):
         assert all(isinstance(m["data"], MediaRef) for m in members if m["fname"].endswith(".jpg"))

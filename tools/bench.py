@@ -16,7 +16,8 @@ Sections (each variant runs in a process of its own; variants are interleaved an
   (``benchmarks/step_cases.py``).
 - ``experts``: ``adapter.ep_size=2`` against ``ep_size=1`` on 2 ranks started by the deepspeed launcher with
   default settings (``tools/bench_train.py``, the demo's model).
-- ``reader``: the shard reader against a folder of JPEGs at 2 and 0 workers (``benchmarks/reader_cases.py``).
+- ``reader``: the shard reader against a folder of JPEGs at 2 and 0 workers (``benchmarks/reader_cases.py``),
+  and the cost of checking every shard's sha256 against its manifest as it streams (0 workers).
 - ``gpu``: where a GPU is visible: DM-Adapter ViT-B/16 bf16 at batch 32 (step time, peak memory against the
   paper's 2,952 MB) and evaluation at ICFG size on the GPU.
 """
@@ -187,7 +188,8 @@ def reader_section(table: Table, quick: bool, repeats: int, threads: int, work: 
     sizes = reader_cases.QUICK_SIZES if quick else reader_cases.SIZES
     paths = reader_cases.prepare(work, sizes)
     for workers in (2, 0):
-        runs = measure.interleaved("reader", ["shards", "folder"],
+        variants = ["shards", "folder"] + ([] if workers else ["shards-unchecked"])
+        runs = measure.interleaved("reader", variants,
                                    {"paths": paths, "sizes": sizes, "workers": workers, "threads": threads},
                                    repeats, threads)
         slower_min, slower_median = _ratio(runs["folder"], runs["shards"])
@@ -197,6 +199,10 @@ def reader_section(table: Table, quick: bool, repeats: int, threads: int, work: 
         table.add(f"shard reader / folder reader, {workers} workers ({rate:.0f} pairs/s)",
                   f"{slower_min:.1f}x min, {slower_median:.1f}x median", f">= {need:.0f}x" if workers else "> 1x",
                   slower_median >= need if workers else slower_median > need)
+        if "shards-unchecked" in runs:
+            cost_min, cost_median = _ratio(runs["shards"], runs["shards-unchecked"])
+            table.add("shard reader with sha256 checks / without, 0 workers",
+                      f"{cost_min:.3f}x min, {cost_median:.3f}x median", "<= 1.05x", cost_median <= 1.05)
 
 
 def gpu_section(table: Table, quick: bool, threads: int, figures: dict) -> None:

@@ -22,7 +22,7 @@ import json
 import random
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
 import torch
@@ -32,6 +32,7 @@ from dsmoe.data.faults import SampleError, SampleFault
 from dsmoe.data.shard_reader import load_media, sample_at, shard_samples
 from dsmoe.data.slot_stream import CODE, Pair, SlotStream, seeded
 from dsmoe.shards import location
+from dsmoe.shards.location import DEFAULT_READS, RemoteReads
 from dsmoe.shards.tar import UnscannableTar
 from dsmoe.shards.format import SOURCE_LANGUAGE, frame_member, read_split, sample_label
 from dsmoe.data.text import CaptionEncoder
@@ -100,6 +101,8 @@ class TrainStreamConfig:
     corruption: float = 0.0
     language: str = SOURCE_LANGUAGE
     load_images: bool = True
+    reads: RemoteReads = field(default_factory=RemoteReads)
+    checksums: bool = True
 
 
 class CaptionPairs:
@@ -159,7 +162,7 @@ class TrainStream(IterableDataset):
         if isinstance(texts, CaptionEncoder):
             texts = CaptionPairs(texts, cfg.language, cfg.corruption)
         self.cfg, self.texts, self.epoch, self.start_batch = cfg, texts, epoch, start_batch
-        self.info = read_split(cfg.shard_dir, cfg.split)
+        self.info = read_split(cfg.shard_dir, cfg.split, reads=cfg.reads)
         self._rows = {location.file_name(address): row for row, address in enumerate(self.info.shards)}
         self.known_bad = set(known_bad)
         self.cursors = cursors or {}
@@ -189,7 +192,7 @@ class TrainStream(IterableDataset):
         for i in range(0, len(codes), CODE):
             row, position, start, index = codes[i:i + CODE]
             if (row, position) not in samples:
-                sample = sample_at(self.info.shards[row], start, self._files)
+                sample = sample_at(self.info.shards[row], start, self._files, self.cfg.reads)
                 samples[row, position] = self.sample_pairs(sample, position)
             pairs.append(samples[row, position][index])
         return pairs
@@ -242,7 +245,8 @@ class TrainStream(IterableDataset):
     def _restored(self, slot: int, slots: int, cursor: dict) -> SlotStream | None:
         try:
             return SlotStream(self, slot, slots, cursor)
-        except (UnscannableTar, OSError, EOFError, IndexError) as exc:  # the shards changed since it was saved
+        except (UnscannableTar, OSError, EOFError, IndexError, KeyError, TypeError, ValueError) as exc:  # the shards
+            # changed since it was saved, or the cursor is not one
             self.faults.clear()
             print(f"[dsmoe] data slot {slot}: its saved place does not read ({type(exc).__name__}: {exc}); "
                   f"replaying the epoch's order up to it instead", file=sys.stderr, flush=True)
@@ -271,7 +275,7 @@ class TrainStream(IterableDataset):
 
     def _decode_pair(self, pair: Pair) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         cfg = self.cfg
-        media = load_media(pair.media, self._files)  # read now if the stream skipped over it
+        media = load_media(pair.media, self._files, cfg.reads)  # read now if the stream skipped over it
         if not cfg.augment:
             return _decode(media, lambda img: eval_transform(img, cfg.image_size)), NO_ERASE
         state = seeded(cfg.seed, self.epoch, pair.key, pair.c, "image").getstate()
@@ -296,9 +300,10 @@ class TrainStream(IterableDataset):
         return batch
 
 
-def batches_per_epoch(shard_dir: str, split: str, global_batch: int, languages: tuple[str, ...] = (SOURCE_LANGUAGE,)) -> int:
+def batches_per_epoch(shard_dir: str, split: str, global_batch: int, languages: tuple[str, ...] = (SOURCE_LANGUAGE,),
+                      reads: RemoteReads = DEFAULT_READS) -> int:
     """Optimiser steps per epoch: every caption pair once (of each language), the last partial batch dropped."""
-    captions = sum(read_split(shard_dir, split, language).captions for language in languages)
+    captions = sum(read_split(shard_dir, split, language, reads).captions for language in languages)
     if captions < global_batch:
         raise ValueError(f"split '{split}' has {captions} captions in {list(languages)}, fewer than one global "
                          f"batch ({global_batch})")
@@ -335,22 +340,24 @@ class EvalImages(IterableDataset):
     to loader worker (k // world) % workers, so every shard is read once. Yields an ``EvalSample`` for each usable
     sample and a ``SampleFault`` for each other."""
 
-    def __init__(self, shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int):
+    def __init__(self, shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int,
+                 reads: RemoteReads = DEFAULT_READS, checksums: bool = True):
         super().__init__()
-        self.info = read_split(shard_dir, split)
+        self.info = read_split(shard_dir, split, reads=reads)
         self.image_size, self.rank, self.world_size = image_size, rank, world_size
+        self.reads, self.checksums = reads, checksums
 
     def __iter__(self):
         worker, workers = _slot()
         base = 0
-        for k, (path, expected) in enumerate(zip(self.info.shards, self.info.shard_samples)):
+        for k, shard in enumerate(self.info.entries):
             if k % self.world_size == self.rank and (k // self.world_size) % workers == worker:
-                yield from self._shard(path, expected, base)
-            base += expected
+                yield from self._shard(shard, base)
+            base += shard.samples
 
-    def _shard(self, path, expected: int, base: int):
+    def _shard(self, shard, base: int):
         faults: list[SampleFault] = []
-        for position, sample in shard_samples(path, expected, faults):
+        for position, sample in shard_samples(shard, faults, reads=self.reads, checksum=self.checksums):
             yield from faults
             faults.clear()
             try:
@@ -376,7 +383,8 @@ def _collate_eval(items: list) -> dict:
 
 
 def eval_loader(shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int,
-                batch_size: int, workers: int) -> DataLoader:
-    dataset = EvalImages(shard_dir, split, image_size, rank, world_size)
+                batch_size: int, workers: int, reads: RemoteReads = DEFAULT_READS, checksums: bool = True
+                ) -> DataLoader:
+    dataset = EvalImages(shard_dir, split, image_size, rank, world_size, reads, checksums)
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_eval,
                       worker_init_fn=ignore_job_signals)

@@ -9,9 +9,9 @@ what damage means, so a damaged shard gives the same samples and faults however 
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -20,6 +20,8 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from dsmoe.data.faults import SampleFault
 from dsmoe.shards import location
+from dsmoe.shards.format import ShardEntry
+from dsmoe.shards.location import DEFAULT_READS, RemoteReads
 from dsmoe.shards.tar import TAR_BLOCK, UnscannableTar, scan_members
 
 
@@ -32,70 +34,127 @@ class MediaRef:
     size: int
 
 
-def shard_samples(path: str, expected: int, faults: list[SampleFault], owns=lambda position: True,
-                  skip_media: Callable[[], bool] | None = None, start: int = 0,
-                  offset: int | None = None) -> Iterator[tuple[int, dict]]:
+def shard_samples(shard: ShardEntry, faults: list[SampleFault], owns=lambda position: True,
+                  skip_media: Callable[[], bool] | None = None, start: int = 0, offset: int | None = None,
+                  reads: RemoteReads = DEFAULT_READS, checksum: bool = True) -> Iterator[tuple[int, dict]]:
     """(position, raw sample) of one shard from its sample ``start`` on (at byte ``offset`` when known, else found
     by reading from the shard's start); members are never unpickled.
 
     A sample is ``{"__key__", "__shard__", ext: bytes, ..., "__start__": byte offset of its first member,
     "__end__": after its last}`` (the offsets None where the shard is read through tarfile; ``__start__`` None too
-    where the shard cannot be read from a byte again, a pipe: command). While
-    ``skip_media()`` is true, a seekable shard's media are not read: they are ``MediaRef``s, to be read if needed.
+    where the shard cannot be read from a byte again, a pipe: command). While ``skip_media()`` is true, a seekable
+    shard's media are not read: they are ``MediaRef``s, to be read if needed.
 
-    A remote shard that fails part-way is opened again (``location.RETRIES`` times) and read on from where it
-    failed. Whatever else stops the tar short (truncation, garbage, an empty file) ends the shard: each of its
-    ``expected`` samples not read becomes a fault, for the positions ``owns`` says are this reader's.
+    The shard must be what its manifest says: a size that differs (known when it is opened) means none of its
+    samples is read; a shard read whole from its start is also checked against the manifest's sha256 (when
+    ``checksum``) and byte count, and a difference found at its end makes each of its samples a fault, although
+    they were given. A remote shard that fails part-way is read on from where it failed (``RemoteStream``); when it
+    finally gives up, or anything else stops the tar short (truncation, garbage, an empty file), the shard ends.
+    Each of its ``shard.samples`` not read, or not the manifest's, becomes a fault, for the positions ``owns``
+    says are this reader's.
     """
+    path, expected = shard.address, shard.samples
     name = location.file_name(path)
-    position, error, retries = start, "", 0 if location.is_local(path) else location.RETRIES
-    scan, rereadable = True, not location.is_pipe(path)
+    position, error, mismatch, scan = start, "", None, True
     while True:
         entry, index = (offset, start) if scan and offset is not None else (0, 0)  # where reading starts: its byte
         try:                                                                         # and its sample's position
-            with _members(path, skip_media if scan else None, entry, scan) as members:
+            with _members(shard, skip_media if scan else None, entry, scan, reads, checksum) as (members, check):
                 for sample in _grouped(members, name):
                     if index >= position:  # samples already given (after a retry, or before ``start``) are passed
-                        if not rereadable:
+                        if location.is_pipe(path):
                             sample["__start__"] = None
                         yield position, sample
                         position += 1
                     index += 1
+                if check is not None:
+                    mismatch = check.verdict()
             break
         except UnscannableTar:
             scan = False  # not a whole tar as dsmoe writes them: read it through tarfile, which judges damage
+        except ShardMismatch as exc:
+            mismatch = str(exc)
+            break
         except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
             error = f" ({type(exc).__name__}: {str(exc).split(' @ ')[0]})"
-            if retries == 0 or isinstance(exc, FileNotFoundError):
-                break
-            retries -= 1
-            time.sleep(location.RETRY_WAIT)
+            break
+    if mismatch:
+        faults.extend(SampleFault(name, p, mismatch) for p in range(start, max(expected, position)) if owns(p))
+        return
     problem = f"unreadable: the tar ends after {position} of {expected} samples{error}"
     if position > expected and owns(expected):
         faults.append(SampleFault(name, expected, f"the shard holds {position} samples, its manifest {expected}"))
     faults.extend(SampleFault(name, p, problem) for p in range(position, expected) if owns(p))
 
 
-@contextmanager
-def _members(path: str, skip_media: Callable[[], bool] | None, offset: int, scan: bool) -> Iterator[Iterator[dict]]:
-    """The tar members of a shard from byte ``offset`` as ``{"fname", "data", "offset", "size"}`` (offset: of the
-    data; None through tarfile). With ``skip_media``, a seekable file is opened and the media's bytes are left where
-    they are while ``skip_media()``."""
-    if not scan:
-        with location.open_stream(path) as stream:
-            yield ({"fname": m["fname"], "data": m["data"], "offset": None, "size": len(m["data"])}
-                   for m in tar_file_iterator(stream))
-        return
-    seekable = location.open_random(path) if skip_media is not None else None
-    if seekable is None:
-        skip_media = None
-    with (seekable or location.open_stream(path, offset=offset)) as f:
-        if not f.seekable():
-            f = io.BufferedReader(f, 1 << 16)  # headers are read a block at a time
+class ShardMismatch(OSError):
+    """A shard whose size differs from its manifest's, found when it is opened."""
 
-        def wanted(member: str) -> bool:
-            return skip_media is None or member.endswith(".json") or not skip_media()
-        yield _scanned(f, path, wanted, offset)
+
+class _Checked(io.RawIOBase):
+    """A stream read from its first byte, counted and hashed as it goes, to be held against its manifest entry."""
+
+    def __init__(self, raw, shard: ShardEntry, checksum: bool):
+        super().__init__()
+        self.raw, self.shard, self.count = raw, shard, 0
+        self.digest = hashlib.sha256() if checksum and shard.sha256 else None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.raw.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.count += n
+        if self.digest is not None:
+            self.digest.update(data)
+        return n
+
+    def verdict(self) -> str | None:
+        """Read to the end (the tar's closing blocks); what differs from the manifest, or None."""
+        while self.read(1 << 16):
+            pass
+        if self.shard.bytes is not None and self.count != self.shard.bytes:
+            return f"the shard has {self.count} bytes, its manifest {self.shard.bytes}: {_REPLACED}"
+        if self.digest is not None and self.digest.hexdigest() != self.shard.sha256:
+            return f"the shard's sha256 differs from its manifest's: {_REPLACED}"
+        return None
+
+
+_REPLACED = "it is not the shard the manifest describes (replaced or damaged since it was written)"
+
+
+def _size_mismatch(shard: ShardEntry, size: int | None) -> None:
+    if shard.bytes is not None and size is not None and size != shard.bytes:
+        raise ShardMismatch(f"the shard has {size} bytes, its manifest {shard.bytes}: {_REPLACED}; not read")
+
+
+@contextmanager
+def _members(shard: ShardEntry, skip_media: Callable[[], bool] | None, offset: int, scan: bool,
+             reads: RemoteReads, checksum: bool) -> Iterator[tuple[Iterator[dict], _Checked | None]]:
+    """The tar members of a shard from byte ``offset`` as ``{"fname", "data", "offset", "size"}`` (offset: of the
+    data; None through tarfile), and the check of a shard read whole from its start. With ``skip_media``, a
+    seekable file is opened and the media's bytes are left where they are while ``skip_media()``."""
+    path = shard.address
+    seekable = location.open_random(path, reads) if scan and skip_media is not None else None
+    if seekable is not None:
+        with seekable as f:
+            _size_mismatch(shard, location.stream_size(f))
+
+            def wanted(member: str) -> bool:
+                return member.endswith(".json") or not skip_media()
+            yield _scanned(f, path, wanted, offset), None
+        return
+    with location.open_stream(path, offset=offset, reads=reads) as stream:
+        _size_mismatch(shard, location.stream_size(stream))
+        check = _Checked(stream, shard, checksum) if offset == 0 else None
+        f = io.BufferedReader(check or stream, 1 << 16)  # headers are read a block at a time
+        if not scan:
+            yield ({"fname": m["fname"], "data": m["data"], "offset": None, "size": len(m["data"])}
+                   for m in tar_file_iterator(f)), check
+        else:
+            yield _scanned(f, path, lambda member: True, offset), check
 
 
 def _scanned(f, path: str, wanted: Callable[[str], bool], offset: int) -> Iterator[dict]:
@@ -103,22 +162,22 @@ def _scanned(f, path: str, wanted: Callable[[str], bool], offset: int) -> Iterat
         yield {"fname": member, "data": MediaRef(path, at, size) if data is None else data, "offset": at, "size": size}
 
 
-def sample_at(path: str, offset: int, files: dict) -> dict:
+def sample_at(path: str, offset: int, files: dict, reads: RemoteReads = DEFAULT_READS) -> dict:
     """The sample whose first member begins at byte ``offset`` of a seekable shard (``files``: as ``load_media``),
     its media left as ``MediaRef``s. ``UnscannableTar`` where no sample dsmoe wrote begins there."""
-    members = _scanned(_opened(path, files), path, lambda member: member.endswith(".json"), offset)
+    members = _scanned(_opened(path, files, reads), path, lambda member: member.endswith(".json"), offset)
     for sample in _grouped(members, location.file_name(path)):
         return sample
     raise UnscannableTar(f"no sample at byte {offset} of {path}")
 
 
-def load_media(media, files: dict) -> bytes | list[bytes]:
+def load_media(media, files: dict, reads: RemoteReads = DEFAULT_READS) -> bytes | list[bytes]:
     """``media`` with every ``MediaRef`` read (``files``: address -> open seekable file, kept for later reads)."""
     if isinstance(media, list):
-        return [load_media(item, files) for item in media]
+        return [load_media(item, files, reads) for item in media]
     if not isinstance(media, MediaRef):
         return media
-    f = _opened(media.address, files)
+    f = _opened(media.address, files, reads)
     f.seek(media.offset)
     data = f.read(media.size)
     if len(data) != media.size:
@@ -126,10 +185,10 @@ def load_media(media, files: dict) -> bytes | list[bytes]:
     return data
 
 
-def _opened(address: str, files: dict):
+def _opened(address: str, files: dict, reads: RemoteReads):
     """The open seekable file of ``address`` in ``files``, opened on first use."""
     if address not in files:
-        files[address] = location.open_random(address)
+        files[address] = location.open_random(address, reads)
     return files[address]
 
 

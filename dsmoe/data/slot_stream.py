@@ -19,6 +19,7 @@ from array import array
 from typing import TYPE_CHECKING, NamedTuple
 
 from dsmoe.data.shard_reader import MediaRef, shard_samples
+from dsmoe.shards.format import ShardEntry
 
 CODE = 4  # ints per pair in a cursor's arrays
 
@@ -66,7 +67,7 @@ class SlotStream:
         self.codes: array | None = None if self.owner.skipping else array("q")
         self.drained: int | None = None  # once the cycle's shards are read: how much of the shuffled buffer is given
         self.usable = False
-        shards = list(zip(info.shards, info.shard_samples))
+        shards = list(info.entries)
         seeded(cfg.seed, self.owner.epoch, cycle, "shards").shuffle(shards)
         if len(shards) >= self.slots:
             self.shards, self.keep = shards[self.slot::self.slots], None
@@ -129,7 +130,7 @@ class SlotStream:
             if self.samples is None:
                 if self.shard == len(self.shards):
                     return None
-                self.samples = self._open(*self.shards[self.shard])
+                self.samples = self._open(self.shards[self.shard])
             item = next(self.samples, None)
             if item is None:
                 self.samples = None
@@ -141,11 +142,12 @@ class SlotStream:
                 self.pending = self.owner.sample_pairs(sample, position)[::-1]
         return self.pending.pop()
 
-    def _open(self, path: str, expected: int):
-        self.base = sum(count for _, count in self.shards[:self.shard])  # manifest index of its first sample
-        owner = self.owner
+    def _open(self, shard: ShardEntry):
+        self.base = sum(entry.samples for entry in self.shards[:self.shard])  # manifest index of its first sample
+        owner, cfg = self.owner, self.owner.cfg
         skip_media = (lambda: owner.skipping) if owner.skipping else None
-        return shard_samples(path, expected, owner.faults, self._owns, skip_media, self.position, self.offset)
+        return shard_samples(shard, owner.faults, self._owns, skip_media, self.position, self.offset, cfg.reads,
+                             cfg.checksums)
 
     def _owns(self, position: int) -> bool:
         """A broken shard does not shift the samples of the ones after it: ownership is by manifest index."""

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsmoe.shards.location import child, is_local, read_bytes
+from dsmoe.shards.location import DEFAULT_READS, RemoteReads, UnsafeName, child, is_local, read_bytes
 
 FORMAT_NAME = "dsmoe-shards"
 FORMAT_VERSION = 1
@@ -55,12 +55,36 @@ def frame_member(index: int) -> str:
     return f"frame{index:02d}.jpg"
 
 
+class ManifestError(ValueError):
+    """A manifest that cannot be used (not the format, or a shard entry that is not a plain file name); the
+    message names the manifest."""
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard as its split's manifest lists it."""
+
+    address: str  # a local path, a URL or a pipe: command (see dsmoe.shards.location)
+    samples: int
+    bytes: int | None = None  # None: not recorded
+    sha256: str | None = None
+
+
 @dataclass(frozen=True)
 class SplitInfo:
-    shards: list[str]  # each shard's address: a local path, a URL or a pipe: command (see dsmoe.shards.location)
+    entries: list[ShardEntry]
     samples: int
     captions: int  # of the language asked for
-    shard_samples: list[int]  # samples of each shard, as its manifest lists them
+
+    @property
+    def shards(self) -> list[str]:
+        """Each shard's address."""
+        return [entry.address for entry in self.entries]
+
+    @property
+    def shard_samples(self) -> list[int]:
+        """Samples of each shard, as its manifest lists them."""
+        return [entry.samples for entry in self.entries]
 
 
 def manifest_address(shard_dir: str | Path, split: str) -> str:
@@ -68,24 +92,50 @@ def manifest_address(shard_dir: str | Path, split: str) -> str:
     return child(shard_dir, f"{split}.manifest.json")
 
 
-def read_split(shard_dir: str | Path, split: str, language: str = SOURCE_LANGUAGE) -> SplitInfo:
+def read_split(shard_dir: str | Path, split: str, language: str = SOURCE_LANGUAGE,
+               reads: RemoteReads = DEFAULT_READS) -> SplitInfo:
     """The shards and counts of ``split`` from its manifest, read from ``shard_dir``: a directory, or a URL prefix
-    or pipe: command (``dsmoe.shards.location``), where the shards are too."""
-    address = manifest_address(shard_dir, split)
+    or pipe: command (``dsmoe.shards.location``), where the shards are too. ``ManifestError`` for a manifest that
+    is not one (every shard name must be a plain file name)."""
     try:
-        manifest = json.loads(read_bytes(address))
+        address = manifest_address(shard_dir, split)
+    except UnsafeName as exc:
+        raise ManifestError(f"split {exc}") from None
+    try:
+        manifest = json.loads(read_bytes(address, reads))
     except FileNotFoundError:
         local = Path(shard_dir) if is_local(shard_dir) else None
         found = sorted(p.name for p in local.glob("*.manifest.json")) if local and local.is_dir() else []
         raise FileNotFoundError(f"no manifest for split '{split}' in {shard_dir} (found: {found or 'none'}); "
                                 f"write the shards with tools/make_shards.py") from None
-    shards = [child(shard_dir, s["name"]) for s in manifest["shards"]]
-    missing = [p for p in shards if is_local(p) and not Path(p).is_file()]
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{address} is not JSON ({exc})") from None
+    try:
+        entries = [_entry(shard_dir, item) for item in manifest["shards"]]
+        samples = _count(manifest["samples"])
+        captions = manifest["captions"].get(language, 0)
+    except UnsafeName as exc:
+        raise ManifestError(f"{address} lists a shard name that is not a plain file name: {exc}") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ManifestError(f"{address} is not a dsmoe shard manifest: {type(exc).__name__}: {exc}") from None
+    missing = [e.address for e in entries if is_local(e.address) and not Path(e.address).is_file()]
     if missing:
         raise FileNotFoundError(f"{address} lists shards that do not exist: {missing[:3]}")
-    return SplitInfo(shards=shards, samples=int(manifest["samples"]),
-                     captions=int(manifest["captions"].get(language, 0)),
-                     shard_samples=[int(s["samples"]) for s in manifest["shards"]])
+    return SplitInfo(entries=entries, samples=samples, captions=_count(captions))
+
+
+def _count(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a count")
+    return value
+
+
+def _entry(shard_dir: str | Path, item: dict) -> ShardEntry:
+    size, digest = item.get("bytes"), item.get("sha256")
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise ValueError(f"shard {item.get('name')!r}: sha256 {digest!r} is not a hex digest")
+    return ShardEntry(child(shard_dir, item["name"]), _count(item["samples"]),
+                      None if size is None else _count(size), digest)
 
 
 def sample_label(meta: dict) -> int:

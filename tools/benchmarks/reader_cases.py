@@ -67,7 +67,8 @@ class FolderPairs(Dataset):
 
 
 def reader_case(variant: str, options: dict) -> None:
-    """``shards`` or ``folder``, with ``options["workers"]`` DataLoader workers: pairs per second."""
+    """``shards``, ``shards-unchecked`` (no sha256 of the shards against their manifest) or ``folder``, with
+    ``options["workers"]`` DataLoader workers: pairs per second."""
     from dsmoe.data.pipeline import CaptionPairs, TrainStreamConfig, train_loader
     from dsmoe.data.text import CaptionEncoder, load_tokenizer
     from dsmoe.data.transforms import normalize
@@ -78,11 +79,11 @@ def reader_case(variant: str, options: dict) -> None:
     encoder = CaptionEncoder(load_tokenizer(paths["tokenizer"]), 64)
     pairs = 0
     start = time.perf_counter()
-    if variant == "shards":
+    if variant.startswith("shards"):
         batches = 2 * sizes["images"] // batch  # every caption pair once
         cfg = TrainStreamConfig(shard_dir=paths["shards"], split="train", image_size=size, micro_batch=batch,
                                 batches_per_epoch=batches, rank=0, world_size=1, seed=0, shuffle_buffer=1000,
-                                augment=True)
+                                augment=True, checksums=variant == "shards")
         for b in train_loader(cfg, CaptionPairs(encoder, "en"), 0, 0, workers):
             pixels = normalize(b["image"], b["erase"])
             pairs += len(pixels)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import threading
 from contextlib import contextmanager
 from functools import partial
@@ -14,30 +15,58 @@ from pathlib import Path
 from typing import Iterator
 
 
-class _RangeHandler(SimpleHTTPRequestHandler):
-    """Static files with ``Range: bytes=a-b`` answered 206; ``failures`` (shared dict: file name -> count) makes
-    the first requests for a file fail with 503."""
+class ServerFaults:
+    """What an HTTP test server does wrong, per file name: a list of faults used up one per GET, each None (answer
+    well), ``("status", code)`` (answer with that status), ``("drop", n)`` (send the headers and ``n`` bytes of the
+    body, then cut the connection), ``("stall", s)`` (accept and say nothing for ``s`` seconds) or ``("drip", s)``
+    (send the headers, then a byte every ``s`` seconds). ``requests`` records (file name, Range header) of every
+    GET."""
 
-    failures: dict[str, int] = {}
+    def __init__(self, faults: dict[str, list[tuple[str, float] | None]] | None = None):
+        self.faults = {name: list(items) for name, items in (faults or {}).items()}
+        self.requests: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def take(self, name: str, range_header: str) -> tuple[str, float] | None:
+        with self.lock:
+            self.requests.append((name, range_header))
+            queue = self.faults.get(name)
+            return queue.pop(0) if queue else None
+
+
+class _RangeHandler(SimpleHTTPRequestHandler):
+    """Static files with ``Range: bytes=a-b`` answered 206, misbehaving as ``faults`` (a ``ServerFaults``) says."""
+
+    faults: ServerFaults
 
     def log_message(self, *args) -> None:  # quiet
         pass
 
     def send_head(self):
         name = self.path.rsplit("/", 1)[-1]
-        if self.failures.get(name, 0) > 0:
-            self.failures[name] -= 1
-            self.send_error(503, "try again")
+        self._fault = self.faults.take(name, self.headers.get("Range", "")) if self.command == "GET" else None
+        kind, value = self._fault or ("", 0)
+        if kind == "status":
+            self.send_error(int(value), "injected")
+            return None
+        if kind == "stall":
+            self.faults.stopping.wait(value)
+            self.close_connection = True
             return None
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         path = Path(self.translate_path(self.path))
         if not match or not path.is_file():
+            self._remaining = None
             return super().send_head()
         size = path.stat().st_size
         start = int(match[1])
         end = min(int(match[2]) if match[2] else size - 1, size - 1)
         if start >= size:
-            self.send_error(416, "range not satisfiable")
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{size}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return None
         f = open(path, "rb")
         f.seek(start)
@@ -52,22 +81,45 @@ class _RangeHandler(SimpleHTTPRequestHandler):
 
     def copyfile(self, source, outputfile) -> None:
         remaining = getattr(self, "_remaining", None)
-        if remaining is None:
-            return super().copyfile(source, outputfile)
-        self._remaining = None
-        outputfile.write(source.read(remaining))
+        kind, value = self._fault or ("", 0)
+        if kind not in ("drop", "drip"):
+            if remaining is None:
+                return super().copyfile(source, outputfile)
+            return outputfile.write(source.read(remaining))
+        data = source.read() if remaining is None else source.read(remaining)
+        if kind == "drop":
+            outputfile.write(data[:int(value)])
+            outputfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+        elif kind == "drip":
+            for byte in data:
+                if self.faults.stopping.wait(value):
+                    break
+                outputfile.write(bytes([byte]))
+                outputfile.flush()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True  # a stalled or dripping answer does not hold up the server's end
+
+    def handle_error(self, request, client_address) -> None:  # clients that hang up mid-answer are expected
+        pass
 
 
 @contextmanager
-def http_server(root: Path, failures: dict[str, int] | None = None) -> Iterator[str]:
-    """Serve ``root`` on a free loopback port; yields the base URL (``http://127.0.0.1:PORT``)."""
-    handler = type("Handler", (_RangeHandler,), {"failures": dict(failures or {})})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
+def http_server(root: Path, faults: ServerFaults | dict | None = None) -> Iterator[str]:
+    """Serve ``root`` on a free loopback port, misbehaving as ``faults`` says (a ``ServerFaults``, or the dict to
+    make one); yields the base URL (``http://127.0.0.1:PORT``)."""
+    faults = faults if isinstance(faults, ServerFaults) else ServerFaults(faults)
+    handler = type("Handler", (_RangeHandler,), {"faults": faults})
+    server = _QuietServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
+        faults.stopping.set()
         server.shutdown()
         server.server_close()
 
