@@ -53,11 +53,22 @@ class _ImagePass:
     local: list[tuple[int, int, dict[str, list[str]], str]]  # this rank's samples: (split index, label, captions, key)
 
 
-class Evaluator:
-    """Features of a split's images and captions with every rank in lockstep, and how ranks share the metrics."""
+class EvaluationStopped(Exception):
+    """A stop or requeue signal reached a rank during an evaluation: every rank leaves it at the same batch.
+    ``request``: the strongest request any rank received (``dsmoe.preemption``)."""
 
-    def __init__(self, cfg: RunConfig, engine, device: torch.device):
+    def __init__(self, request: int):
+        super().__init__(f"evaluation stopped (request {request})")
+        self.request = request
+
+
+class Evaluator:
+    """Features of a split's images and captions with every rank in lockstep, and how ranks share the metrics.
+    ``stop_request()``: this rank's pending preemption request (0: none), read at every batch."""
+
+    def __init__(self, cfg: RunConfig, engine, device: torch.device, stop_request: Callable[[], int] = lambda: 0):
         self.cfg, self.engine, self.device = cfg, engine, device
+        self.stop_request = stop_request
         self.model = engine.module
         self.dtype = engine_dtype(engine)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -93,13 +104,18 @@ class Evaluator:
         return {"part": (self.rank, self.world_size), "reduce": _sum_over_ranks}
 
     def _lockstep(self, batches: Iterable, dummy) -> Iterator[tuple[object, bool]]:
-        """Yield (batch, real) until every rank is done; a finished rank runs ``dummy`` so MoE collectives match."""
+        """Yield (batch, real) until every rank is done; a finished rank runs ``dummy`` so MoE collectives match.
+        ``EvaluationStopped`` on every rank once any rank has a stop request."""
         iterator = iter(batches)
         while True:
             batch = next(iterator, None)
-            flag = flag_tensor(0 if batch is None else 1)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() == 0:
+            flags = flag_tensor(0 if batch is None else 1, self.stop_request())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            more, request = flags.tolist()
+            if request:
+                self.engine.train()
+                raise EvaluationStopped(request)
+            if more == 0:
                 return
             yield (batch, True) if batch is not None else (dummy, False)
 
@@ -140,7 +156,8 @@ class Evaluator:
         self.engine.eval()
         h, w = cfg.model.image_size
         loader = eval_loader(cfg.data.eval_shards or cfg.data.shards, split, cfg.model.image_size, self.rank,
-                             self.world_size, cfg.train.eval_batch_size, cfg.data.workers)
+                             self.world_size, cfg.train.eval_batch_size, cfg.data.workers, cfg.data.remote,
+                             cfg.data.checksums)
         dummy = {"image": torch.zeros(1, 3, h, w, dtype=torch.uint8)}
         features, local, faults, width = [], [], [], 0
         phase = Phase(f"evaluation of '{split}': image features (rank 0's share)", unit="images",
@@ -178,7 +195,7 @@ class Evaluator:
         """Remember the split's unusable samples; past the run's limit, stop (on every rank alike)."""
         data = self.cfg.data
         self.missing[split] = {f.identity: f for f in faults}
-        samples = read_split(data.eval_shards or data.shards, split).samples
+        samples = read_split(data.eval_shards or data.shards, split, reads=data.remote).samples
         limit = bad_sample_limit(data.max_bad_share, data.max_bad_count, samples)
         if len(faults) > limit:
             raise RunError(f"{len(faults)} of {samples} samples of the evaluation split '{split}' are unusable, more "

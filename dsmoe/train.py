@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from dsmoe.cli import add_common_arguments  # noqa: E402
 from dsmoe.config import ConfigError, RunConfig, load_config  # noqa: E402
 from dsmoe.ds_config import load_ds_config  # noqa: E402
 from dsmoe.launcher import launched_world_size  # noqa: E402
-from dsmoe.shards.format import read_split  # noqa: E402
+from dsmoe.shards.format import ManifestError, read_split  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +44,8 @@ def prepare(args: argparse.Namespace, world_size: int) -> list[tuple[RunConfig, 
     from dsmoe.ds_config import DeviceSupport, compose_ds_config
 
     cfg = load_config(args.config, args.set)
+    if os.environ.get("RANK", "0") == "0" and (note := _copied_run_note(args.config, cfg)):
+        print(f"[dsmoe] {note}", flush=True)
     if args.init_from:
         cfg.train.init_from = args.init_from
     cfg.make_paths_absolute()  # the run's files then work from any directory
@@ -56,19 +59,42 @@ def prepare(args: argparse.Namespace, world_size: int) -> list[tuple[RunConfig, 
             raise ConfigError(f"{stage.train.output_dir} already holds checkpoints: use --resume auto to "
                               f"continue, or choose another train.output_dir")
     if not cfg.demo:  # the demo writes its shards after start-up
-        read_split(cfg.data.shards, cfg.data.train_split)
+        read_split(cfg.data.shards, cfg.data.train_split, reads=cfg.data.remote)
         for split in filter(None, (cfg.data.val_split, cfg.data.test_split)):
-            read_split(cfg.data.eval_shards or cfg.data.shards, split)
+            read_split(cfg.data.eval_shards or cfg.data.shards, split, reads=cfg.data.remote)
     device = DeviceSupport.detect()  # the first heavy import (torch, DeepSpeed)
     return [(stage, compose_ds_config(ds_json, stage, world_size, device)) for stage in stages]
 
 
+def _stop_before_training(signum, frame) -> None:
+    """Until a Trainer watches for stop signals there is nothing to save: end at once with 128 + the signal's
+    number, as a stopped run does (dying of the signal would make the deepspeed launcher exit 256 - signal)."""
+    sys.stderr.write(f"[dsmoe] stopped by {signal.Signals(signum).name} before training started\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def _copied_run_note(config: str | None, cfg: RunConfig) -> str | None:
+    """A run folder's own config.yaml names the folder it was written in: used from a moved or copied folder, say
+    which folder this run trains in (None otherwise)."""
+    if not config or Path(config).name != "config.yaml":
+        return None
+    here = Path(config).resolve().parent
+    there = Path(cfg.train.output_dir).expanduser().resolve()
+    if there == here or not ((here / "checkpoints").is_dir() or (here / "metrics.jsonl").is_file()):
+        return None
+    return (f"note: {config} is the config of the run folder {here}, but it names train.output_dir {there}: this "
+            f"run trains in {there} (to continue the run in {here}, add --set train.output_dir={here})")
+
+
 def main(argv: list[str] | None = None) -> int:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_before_training)
     args = parse_args(argv)
     try:
         world_size = launched_world_size()
         stages = prepare(args, world_size)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, ManifestError) as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -112,6 +138,7 @@ def run(stages: list[tuple[RunConfig, dict]], resume: str, rank: int, world_size
         allow_config_change: bool = False) -> int:
     """Train each run in turn (one, or a method's stages), each from its checkpoint, or ``train.init_from``; the
     exit code: 0, or 128 + the signal that stopped the run (a requeue for Slurm is 0)."""
+    from dsmoe.run_lock import RunLock
     from dsmoe.trainer import Trainer
 
     for stage, ds_config in stages:
@@ -120,14 +147,22 @@ def run(stages: list[tuple[RunConfig, dict]], resume: str, rank: int, world_size
             if rank == 0:
                 print(f"[dsmoe] {stage.train.output_dir} finished all {stage.train.epochs} epochs:\n{done}")
             continue
-        resumable = resume_point(resume, Path(stage.train.output_dir) / "checkpoints") is not None
-        portable = start if start and is_portable(start) and not resumable else None
-        trainer = Trainer(stage, ds_config, rank, world_size, local_rank, portable_init=portable,
-                          allow_config_change=allow_config_change)
-        trainer.write_run_files()
-        if not trainer.resume(None if resume == "none" else resume) and start and not portable:
-            trainer.init_from(start)
-        outcome = trainer.train()
+        lock = RunLock(stage.train.output_dir) if rank == 0 else None
+        note = lock.acquire() if lock else None  # before anything is written into the folder
+        if note:
+            print(f"[dsmoe] {note}", flush=True)
+        try:
+            resumable = resume_point(resume, Path(stage.train.output_dir) / "checkpoints") is not None
+            portable = start if start and is_portable(start) and not resumable else None
+            trainer = Trainer(stage, ds_config, rank, world_size, local_rank, portable_init=portable,
+                              allow_config_change=allow_config_change)
+            trainer.write_run_files()
+            if not trainer.resume(None if resume == "none" else resume) and start and not portable:
+                trainer.init_from(start)
+            outcome = trainer.train()
+        finally:
+            if lock:
+                lock.release()
         if outcome.get("preempted"):
             return outcome.get("exit_code", 0)
     if len(stages) > 1 and rank == 0:

@@ -1,10 +1,12 @@
 """The training loop: step, log, evaluate, checkpoint, resume, stop for preemption, and the final test."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from dsmoe.data.pipeline import TrainStreamConfig, batches_per_epoch, train_load
 from dsmoe.data.transforms import normalize
 from dsmoe.distributed import flag_tensor
 from dsmoe.engine import build_training_engine, device_for, expert_parallel_size
-from dsmoe.evaluation import Evaluator, format_results
+from dsmoe.evaluation import EvaluationStopped, Evaluator, format_results
 from dsmoe.faults import RunError
 from dsmoe.files import write_atomic
 from dsmoe.methods import get_method
@@ -38,6 +40,11 @@ DATA_CURSORS = "data_cursors_rank{rank}.json"
 """Each rank's file in a checkpoint folder: where each of its data slots' streams is (``dsmoe.data.slot_stream``)."""
 
 
+def _cursor_digest(cursors: dict) -> str:
+    """The checksum a data cursor file carries: a file cut short or edited by hand is not read as a place."""
+    return hashlib.sha256(json.dumps(cursors, sort_keys=True).encode()).hexdigest()
+
+
 @dataclass
 class Progress:
     epoch: int = 0
@@ -46,6 +53,7 @@ class Progress:
     best_tag: str | None = None
     zero_shot: dict | None = None
     history: list = field(default_factory=list)
+    pending_val: bool = False  # the epoch's validation was stopped by a signal: the resumed run does it first
 
 
 class Trainer:
@@ -66,7 +74,7 @@ class Trainer:
         self.ds_config = ds_config
         self.method: Method = get_method(cfg)
         self.steps_per_epoch = batches_per_epoch(cfg.data.shards, cfg.data.train_split, cfg.train.batch_size,
-                                                 self.method.train_languages())
+                                                 self.method.train_languages(), cfg.data.remote)
         self.micro_batches_per_epoch = self.steps_per_epoch * cfg.train.grad_accum
         total_steps = self.steps_per_epoch * cfg.train.epochs
         self.total_steps = min(total_steps, cfg.train.max_steps or total_steps)
@@ -77,7 +85,7 @@ class Trainer:
         self.ep_size = expert_parallel_size(cfg)
         self.trainable_count = whole_model_trainable(self.model, self.ep_size)
         self.trainable_on_rank = built.trainable_parameters
-        self.evaluator = Evaluator(cfg, self.engine, self.device)
+        self.evaluator = Evaluator(cfg, self.engine, self.device, stop_request=lambda: self.preemption.state)
         self.progress = Progress()
         self.started_from = portable_init
         self.log = RunLogger(self.run_dir, rank, cfg)
@@ -86,7 +94,7 @@ class Trainer:
         if portable_init:
             self.log.info(f"initialised the trainable weights from {portable_init} (exported adapters: all "
                           f"{self.trainable_count:,} trainable parameters)")
-        train = read_split(cfg.data.shards, cfg.data.train_split)
+        train = read_split(cfg.data.shards, cfg.data.train_split, reads=cfg.data.remote)
         self.faults = FaultLog(cfg.data.train_split, train.samples,
                                bad_sample_limit(cfg.data.max_bad_share, cfg.data.max_bad_count, train.samples))
         self.data_cursors: dict[int, dict | None] = {}  # slot -> its stream's place after its last batch taken
@@ -137,10 +145,7 @@ class Trainer:
         self.progress = Progress(**client["progress"])
         self.method.load_state_dict(client.get("method", {}))
         self.faults.load_state_dict(client.get("bad_samples", []))
-        self.data_cursors = self._read_data_cursors(root / tag)
-        places = sum(state is not None for state in self.data_cursors.values())
-        data = ("" if not self.progress.batch else f"; the data continues from {places} saved stream places" if places
-                else "; no saved data stream places: the epoch's order is replayed up to there")
+        self.data_cursors, data = self._read_data_cursors(root / tag, same)
         self.log.info(f"resumed from {root / tag}: epoch {self.progress.epoch}, batch {self.progress.batch}, "
                       f"step {self.engine.global_steps}{data}")
         dropped = self.log.cut_after(self.engine.global_steps)
@@ -149,16 +154,41 @@ class Trainer:
                           f"by the interrupted run (they are logged again from there)")
         return True
 
-    def _read_data_cursors(self, folder: Path) -> dict[int, dict | None]:
-        """This rank's saved stream places, where the checkpoint has them for its progress (older ones do not)."""
+    def _read_data_cursors(self, folder: Path, same_layout: bool) -> tuple[dict[int, dict | None], str]:
+        """This rank's saved stream places where they fit this run (else none: the epoch's order is replayed up to
+        the saved batch), and what that means for the log."""
+        prog = self.progress
+        if not prog.batch:
+            return {}, ""
+        replay = "the epoch's order is replayed up to there"
         path = folder / DATA_CURSORS.format(rank=self.rank)
         if not path.exists():
-            return {}
-        saved = json.loads(path.read_text())
-        if (saved["epoch"], saved["batch"]) != (self.progress.epoch, self.progress.batch):
-            return {}
-        return {int(slot): state for slot, state in saved["cursors"].items()}
-
+            return {}, f"; no saved data stream places: {replay}"
+        try:
+            saved = json.loads(path.read_text())
+            digest = saved.pop("sha256", None)
+            if digest != _cursor_digest(saved):
+                raise ValueError("its checksum does not match its content")
+            cursors = {int(slot): state for slot, state in saved["cursors"].items()}
+            at = (saved["epoch"], saved["batch"], saved["workers"], saved["world_size"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            print(f"[dsmoe] rank {self.rank}: WARNING: {path} does not read ({type(exc).__name__}: {exc}); {replay} "
+                  f"instead", file=sys.stderr, flush=True)
+            return {}, f"; {replay}"
+        if not same_layout:
+            return {}, ""  # said above: the data order changes
+        if at[2] != self.cfg.data.workers:
+            self.log.info(f"WARNING: data.workers was {at[2]} in {folder}, is {self.cfg.data.workers} here: the data "
+                          f"order changes from here (the rest of epoch {prog.epoch} is taken in the order of "
+                          f"{self.cfg.data.workers} workers per rank: some of its pairs may be seen twice, others "
+                          f"not at all)")
+            return {}, "; data order changed (data.workers)"
+        if at[:2] != (prog.epoch, prog.batch):
+            return {}, f"; its data stream places are of another batch: {replay}"
+        places = sum(state is not None for state in cursors.values())
+        if not places:
+            return {}, f"; no usable data stream places: {replay}"
+        return cursors, f"; the data continues from {places} saved stream places"
     def init_from(self, path: str) -> None:
         """Start from another run's trainable weights (e.g. DASD's CMA from its CLA run); optimiser state fresh."""
         if is_portable(path):
@@ -181,9 +211,11 @@ class Trainer:
         try:
             self.engine.save_checkpoint(str(self.ckpt_root), staging, client_state=state, save_latest=False,
                                         exclude_frozen_parameters=True)
-            cursors = {"epoch": self.progress.epoch, "batch": self.progress.batch, "cursors": self.data_cursors}
+            cursors = json.loads(json.dumps(  # a cursor's int arrays as lists
+                {"epoch": self.progress.epoch, "batch": self.progress.batch, "workers": self.cfg.data.workers,
+                 "world_size": self.world_size, "cursors": self.data_cursors}, default=list))
             (self.ckpt_root / staging / DATA_CURSORS.format(rank=self.rank)).write_text(
-                json.dumps(cursors, default=list))  # a cursor's int arrays as lists
+                json.dumps({**cursors, "sha256": _cursor_digest(cursors)}))
         except BaseException:
             shutil.rmtree(self.ckpt_root / staging, ignore_errors=True)
             raise
@@ -210,9 +242,18 @@ class Trainer:
             shard_dir=cfg.data.shards, split=cfg.data.train_split, image_size=cfg.model.image_size,
             micro_batch=cfg.micro_batch(self.world_size), batches_per_epoch=self.micro_batches_per_epoch,
             rank=self.rank, world_size=self.world_size, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-            augment=cfg.data.augment, erasing_p=cfg.data.random_erasing, load_images=self.method.load_images)
+            augment=cfg.data.augment, erasing_p=cfg.data.random_erasing, load_images=self.method.load_images,
+            reads=cfg.data.remote, checksums=cfg.data.checksums)
 
     def train(self) -> dict:
+        """Train to the end and test; a stop or requeue signal saves where the run is and ends it early (the
+        outcome says how: ``dsmoe.train.run``)."""
+        try:
+            return self._train()
+        except EvaluationStopped as stopped:  # nothing was trained since the last save (a validation saved it)
+            return self.stop_for_preemption(stopped.request, save=False)
+
+    def _train(self) -> dict:
         cfg, prog = self.cfg, self.progress
         held = ("" if self.ep_size == 1 else
                 f" (each rank holds {self.trainable_on_rank:,}: 1/{self.ep_size} of the experts)")
@@ -224,6 +265,8 @@ class Trainer:
             prog.zero_shot = self.evaluate(cfg.data.test_split)
             self.log.metrics({"event": "zero_shot", "split": cfg.data.test_split, "step": self.engine.global_steps,
                               **prog.zero_shot})
+        if prog.pending_val:
+            self._validate_and_save()
         stream = self.stream_config()
         stopped = False
         total = self.total_steps
@@ -274,24 +317,27 @@ class Trainer:
         bar.close()
         return self.finish()
 
-    def stop_for_preemption(self, request: int) -> dict:
-        """Save where we are (every rank), then requeue the Slurm job if the warning signal asked for it; after
-        SIGTERM or SIGINT the outcome carries the exit code the process should end with."""
+    def stop_for_preemption(self, request: int, save: bool = True) -> dict:
+        """Save where we are (every rank; ``save`` False: the latest checkpoint already holds it), then requeue the
+        Slurm job if the warning signal asked for it; after SIGTERM or SIGINT the outcome carries the exit code the
+        process should end with."""
         tag = f"step{self.engine.global_steps:08d}"
-        if complete_tag(self.ckpt_root) != tag:
+        if save and complete_tag(self.ckpt_root) != tag:
             self.save(tag)
+        tag = complete_tag(self.ckpt_root)
+        kept = f"saved {tag}" if save else f"the latest checkpoint is {tag or 'none yet'}"
         step = self.engine.global_steps
         if request == REQUEUE and self.rank == 0:
             # log first: the requeue starts ending this job at once
             outcome = f"requeue requested for Slurm job {os.environ.get('SLURM_JOB_ID', '(not under Slurm)')}"
             self.log.metrics({"event": "preempted", "step": step, "outcome": outcome})
-            self.log.info(f"preempted at step {step}: saved {tag}; {self.preemption.requeue()}")
+            self.log.info(f"preempted at step {step}: {kept}; {self.preemption.requeue()}")
         outcome = {"preempted": True, "checkpoint": tag}
         if request != REQUEUE:
             name = signal.Signals(self.preemption.stop_signal or signal.SIGTERM).name
             if self.rank == 0:
                 self.log.metrics({"event": "preempted", "step": step, "outcome": f"stopped on {name}"})
-                self.log.info(f"stopped on {name} at step {step}: saved {tag}; `--resume auto` continues from it")
+                self.log.info(f"stopped on {name} at step {step}: {kept}; `--resume auto` continues from it")
             outcome["exit_code"] = self.preemption.exit_code()
         self.log.close()
         return outcome
@@ -343,10 +389,22 @@ class Trainer:
 
     def _end_of_epoch(self) -> None:
         cfg, prog = self.cfg, self.progress
+        due = prog.epoch % cfg.train.eval_every == 0 or prog.epoch == cfg.train.epochs
+        prog.pending_val = bool(cfg.data.val_split) and due
+        self._validate_and_save()
+
+    def _validate_and_save(self) -> None:
+        """Validate (when due), checkpoint and mark the best. A signal during the validation saves the checkpoint
+        with the validation still due, then ends the run (``EvaluationStopped``)."""
+        cfg, prog = self.cfg, self.progress
         tag = f"step{self.engine.global_steps:08d}"
-        last = prog.epoch == cfg.train.epochs
-        if cfg.data.val_split and (prog.epoch % cfg.train.eval_every == 0 or last):
-            val = self.evaluate(cfg.data.val_split)
+        if prog.pending_val:
+            try:
+                val = self.evaluate(cfg.data.val_split)
+            except EvaluationStopped:
+                self.save(tag)
+                raise
+            prog.pending_val = False
             prog.history.append({"epoch": prog.epoch, "step": self.engine.global_steps, **val})
             self.log.metrics({"event": "val", "split": cfg.data.val_split, "epoch": prog.epoch,
                               "step": self.engine.global_steps, **val})

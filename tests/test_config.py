@@ -405,3 +405,20 @@ def test_paper_recipes_use_the_releases_optimiser_constants():
         optim = load_config(CONFIG_DIR / "dasd" / f"{name}.yaml").optim
         assert (optim.eps, optim.betas, optim.weight_decay, optim.adamw, optim.grad_clip, optim.warmup_ratio) == \
             (1e-6, (0.9, 0.98), 0.2, True, 1.0, 0.1), name
+
+
+def test_a_run_folder_moved_and_resumed_with_its_own_config_says_where_it_trains(tmp_path, capsys):
+    from dsmoe.train import parse_args, prepare
+
+    old, moved = tmp_path / "old", tmp_path / "moved"
+    moved.mkdir()
+    (moved / "metrics.jsonl").write_text("")
+    config = load_config(None, [f"train.output_dir={old}"])
+    (moved / "config.yaml").write_text(yaml.safe_dump(to_dict(config)))
+    prepare(parse_args(["--config", str(moved / "config.yaml")]), 2)
+    out = capsys.readouterr().out
+    assert (f"note: {moved / 'config.yaml'} is the config of the run folder {moved}, but it names "
+            f"train.output_dir {old}: this run trains in {old} (to continue the run in {moved}, add --set "
+            f"train.output_dir={moved})") in out
+    prepare(parse_args(["--config", str(moved / "config.yaml"), "--set", f"train.output_dir={moved}"]), 2)
+    assert "note:" not in capsys.readouterr().out

@@ -77,6 +77,7 @@ def faulty(intact, tmp_path_factory) -> tuple[Path, dict[str, str], set[str]]:
     expected.update({f"train-000002.tar#{p}": "unreadable" for p in (2, 3)})
     fs.zero_bytes(shard[3])
     expected.update({f"train-000003.tar#{p}": "unreadable" for p in range(4)})
+    fs.restate_manifests(out)  # damaged at the source: the readers meet each damage sample by sample
     return out, expected, usable
 
 
@@ -112,6 +113,7 @@ def test_a_shard_lost_part_way_is_reported_even_after_batches_left_the_worker(in
     shard was opened: their faults still reach the loop (from a loader worker, through the queue)."""
     shard_dir = fs.copy_shards(intact, tmp_path / "shards")
     fs.garbage_inside(shard_dir / "train-000000.tar", 3)
+    fs.restate_manifests(shard_dir)
     cfg = TrainStreamConfig(shard_dir=str(shard_dir), split="train", image_size=IMAGE_SIZE, micro_batch=1,
                             batches_per_epoch=40, rank=0, world_size=1, seed=3, shuffle_buffer=1)
     batches = list(train_loader(cfg, encoder, 0, 0, workers=1))  # 30 pairs a cycle: the shard is read twice
@@ -156,6 +158,7 @@ def test_eval_reader_yields_usable_samples_once_and_a_fault_for_each_other(fault
 def test_empty_tar_and_extra_samples_disagree_with_the_manifest(intact, tmp_path, encoder):
     shard_dir = fs.copy_shards(intact, tmp_path / "shards")
     fs.empty_tar(shard_dir / "test-000000.tar")
+    fs.restate_manifests(shard_dir)
     items = list(EvalImages(str(shard_dir), "test", IMAGE_SIZE, 0, 1))
     lost = [i for i in items if isinstance(i, SampleFault)]
     assert [f.identity for f in lost] == [f"test-000000.tar#{p}" for p in range(4)]
@@ -164,8 +167,36 @@ def test_empty_tar_and_extra_samples_disagree_with_the_manifest(intact, tmp_path
     members = fs.read_members(shard_dir / "test-000001.tar")
     fs.write_members(shard_dir / "test-000001.tar", members + [("test_9999999.jpg", members[0][1]),
                                                                 ("test_9999999.json", members[1][1])])
+    fs.restate_manifests(shard_dir)
     extra = [i for i in EvalImages(str(shard_dir), "test", IMAGE_SIZE, 0, 1) if isinstance(i, SampleFault)]
     assert any("its manifest 2" in f.reason for f in extra)
+
+
+def test_shards_that_are_not_what_their_manifest_says_are_faults_naming_them(intact, tmp_path, encoder):
+    """Damage after the manifest was written: a shard of another size is not read at all; one of the right size
+    with other content (a byte flipped in an image, or another shard's bytes) is read, then each of its samples is
+    a fault naming it, in the training stream and the evaluation reader alike."""
+    shard_dir = fs.copy_shards(intact, tmp_path / "shards")
+    fs.truncate_file(shard_dir / "train-000003.tar", keep=0.9)
+    flipped = bytearray((shard_dir / "train-000001.tar").read_bytes())
+    flipped[600] ^= 0xFF  # inside the first image's data
+    (shard_dir / "train-000001.tar").write_bytes(bytes(flipped))
+    (shard_dir / "train-000000.tar").write_bytes((shard_dir / "train-000002.tar").read_bytes())
+    assert len({(shard_dir / f"train-00000{i}.tar").stat().st_size for i in range(3)}) == 1
+    size_reason = "the shard has {} bytes, its manifest {}"
+    items = list(EvalImages(str(shard_dir), "train", IMAGE_SIZE, 0, 1))
+    faults = {f.identity: f.reason for f in items if isinstance(f, SampleFault)}
+    read = [i.key for i in items if not isinstance(i, SampleFault)]
+    cut_size = (shard_dir / "train-000003.tar").stat().st_size
+    full_size = (shard_dir / "train-000002.tar").stat().st_size
+    assert set(faults) == {f"train-00000{s}.tar#{p}" for s in (0, 1, 3) for p in range(4)}
+    assert all(faults[f"train-000003.tar#{p}"].startswith(size_reason.format(cut_size, full_size)) for p in range(4))
+    assert all(faults[f"train-00000{s}.tar#{p}"].startswith("the shard's sha256 differs from its manifest's")
+               for s in (0, 1) for p in range(4))
+    assert "not the shard the manifest describes" in faults["train-000000.tar#0"]
+    assert len(read) == 12 and not set(fs.keys(intact / "train-000003.tar")) & set(read)  # the cut one: unread
+    streamed = list(train_loader(_stream(shard_dir, batches=16), encoder, 0, 0, 0))  # past one cycle
+    assert {f.identity for b in streamed for f in b["faults"]} == set(faults)
 
 
 # ---------------------------------------------------------------- counting and the limit
@@ -403,6 +434,7 @@ def damaged_demo(demo_assets, tmp_path_factory) -> dict[str, str]:
     fs.edit_sample(out / "train-000001.tar", 9, fs.bad_json)
     fs.truncate_file(out / "train-000004.tar", keep=0.5)  # 32 samples: about half of them lost
     fs.edit_sample(out / "test-000001.tar", 2, fs.corrupt_image)
+    fs.restate_manifests(out)  # damaged at the source: each damage is met sample by sample
     return {**demo_assets, "data.shards": str(out), "demo": "false"}  # the demo's recipe on other shards
 
 
@@ -499,3 +531,63 @@ def test_a_checkpoint_of_another_shape_is_explained_by_the_config_keys(tmp_path)
     assert "an expert file is missing (layer_0_expert_7_mp_rank_00_model_states.pt)" in \
         mismatch_message(root, "step1", current, missing)
     assert mismatch_message(root, "step1", current, RuntimeError("something else")) is None
+
+
+# ---------------------------------------------------------------- a run owns its folder; stop signals
+
+
+HOLD_LOCK = ("import sys, time\nfrom dsmoe.run_lock import RunLock\nRunLock(sys.argv[1]).acquire()\n"
+             "print('held', flush=True)\ntime.sleep(600)\n")
+
+
+def test_a_second_run_into_a_live_runs_folder_is_refused_naming_it(demo_assets, dist_env, signals, tmp_path):
+    """The lock is the operating system's: held while its process lives, dropped the moment it dies however it
+    dies, and then taken over with a note of whose it was."""
+    import socket
+
+    from dsmoe.ds_config import DeviceSupport, compose_ds_config, load_ds_config
+    from dsmoe.run_lock import RunFolderBusy, RunLock
+    from dsmoe.train import run
+
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = load_config(None, [f"{k}={v}" for k, v in demo_assets.items()] +
+                          ["demo=false", "adapter.ep_size=1", f"train.output_dir={folder}", "data.workers=0"])
+        ds = compose_ds_config(load_ds_config("zero2.json"), cfg, 1, DeviceSupport.detect())
+        with pytest.raises(RunFolderBusy, match=rf"{folder} is in use by another run \(host "
+                                                rf"{re.escape(socket.gethostname())} pid {holder.pid}, started "):
+            run([(cfg, ds)], "auto", 0, 1, 0)
+        assert [p.name for p in folder.iterdir()] == ["run.lock"], "nothing written before the refusal"
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = RunLock(folder)
+    assert f"took over {folder / 'run.lock'} from a run that ended without releasing it (host" in lock.acquire()
+    lock.release()
+    assert RunLock(folder).acquire() is None  # released cleanly: nothing to take over
+
+
+@pytest.mark.integration
+def test_sigterm_while_the_ranks_start_ends_the_launcher_with_143(demo_assets, tmp_path):
+    """Before the training loop watches for it, a stop signal ends each rank with 143 (a rank dying of the
+    signal would make the deepspeed launcher exit 241)."""
+    import psutil
+
+    from launch import train_cmd
+
+    proc = subprocess.Popen(train_cmd(demo_assets, tmp_path / "run", free_port(), "demo=false"), cwd=REPO_ROOT,
+                            env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, ranks = time.monotonic() + 60, []
+    while len(ranks) < 2 and time.monotonic() < deadline:
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "--local_rank" in " ".join(p.cmdline()) and p.parent().pid != proc.pid]
+        time.sleep(0.1)
+    assert len(ranks) == 2
+    time.sleep(1.5)  # the ranks are importing torch and DeepSpeed
+    for rank in ranks:
+        rank.terminate()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-3000:]
+    assert out.count("stopped by SIGTERM before training started") == 2

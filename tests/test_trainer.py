@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 from dsmoe.checkpoint import STAGING_PREFIX, complete_tag
 from trainers import losses, make_trainer, records
 
 
-def test_resume_continues_exactly_where_a_stopped_run_left_off(demo_assets, dist_env, signals, tmp_path):
+def test_resume_continues_exactly_where_a_stopped_run_left_off(demo_assets, dist_env, signals, tmp_path, capfd):
     straight = make_trainer(demo_assets, tmp_path / "straight", "train.max_steps=7")
     assert straight.train()["test"]["captions"] == 144
     first = make_trainer(demo_assets, tmp_path / "resumed", "train.max_steps=4", "train.checkpoint_every=2")
@@ -28,9 +29,62 @@ def test_resume_continues_exactly_where_a_stopped_run_left_off(demo_assets, dist
     # every data slot continues from its saved place (the stream's own tests show it reads nothing before it)
     assert second.data_cursors.keys() == {int(k) for k in saved["cursors"]}
     assert all(state["batches"] > 0 for state in second.data_cursors.values())
+    shutil.copytree(tmp_path / "resumed", tmp_path / "cut")  # a copy of the stopped run, before it goes on
     second.train()
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert sorted(a) == list(range(1, 8)) and all(a[step] == b[step] for step in range(1, 8)), (a, b)
+
+    # a cursor file cut short is named, and the epoch's order is replayed up to the saved batch: the same batches
+    cursor_file = tmp_path / "cut" / "checkpoints" / "step00000004" / "data_cursors_rank0.json"
+    cursor_file.write_text(cursor_file.read_text()[:100])
+    third = make_trainer(demo_assets, tmp_path / "cut", "train.max_steps=7")
+    capfd.readouterr()
+    assert third.resume("auto") and third.data_cursors == {}
+    said = capfd.readouterr()
+    assert f"WARNING: {cursor_file} does not read (JSONDecodeError" in said.err
+    assert "the epoch's order is replayed up to there" in said.out and "saved stream places" not in said.out
+    third.train()
+    assert losses(tmp_path / "cut") == a
+    # another number of loader workers: the log says that the data order changes, and no cursor is used
+    other = make_trainer(demo_assets, tmp_path / "resumed", "train.max_steps=7", "data.workers=1")
+    other.allow_config_change = True
+    capfd.readouterr()
+    assert other.resume(str(tmp_path / "resumed" / "checkpoints" / "step00000004")) and other.data_cursors == {}
+    assert "data.workers was 0 in" in capfd.readouterr().out
+
+
+def test_a_signal_during_validation_saves_and_the_resumed_run_validates_first(demo_assets, dist_env, signals,
+                                                                               tmp_path):
+    """SIGTERM is read at every evaluation batch, not only at optimiser steps: the run saves the epoch's end with
+    its validation still due and ends 143; resumed, it validates first and ends as an uninterrupted run."""
+    settings = ("train.epochs=2", "train.eval_every=1", "train.batch_size=96")  # 6 steps per epoch
+    expected = make_trainer(demo_assets, tmp_path / "straight", *settings).train()
+    run = tmp_path / "run"
+    trainer = make_trainer(demo_assets, run, *settings)
+    evaluate = trainer.evaluator.evaluate
+
+    def signalled(method, split):
+        if split == "val":
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives as the validation starts
+        return evaluate(method, split)
+    trainer.evaluator.evaluate = signalled
+    assert trainer.train() == {"preempted": True, "checkpoint": "step00000006", "exit_code": 143}
+    marker = json.loads((run / "checkpoints" / "step00000006" / "COMPLETE").read_text())
+    assert marker["progress"]["pending_val"] and not [r for r in records(run) if r.get("event") == "val"]
+    resumed = make_trainer(demo_assets, run, *settings)
+    assert resumed.resume("auto") and resumed.progress.pending_val
+    results = resumed.train()
+    assert [(v["epoch"], v["R1"]) for v in results["validation"]] == \
+        [(v["epoch"], v["R1"]) for v in expected["validation"]] and results["test"] == expected["test"]
+    assert [r["epoch"] for r in records(run) if r.get("event") == "val"] == [1, 2]
+
+
+def test_a_signal_during_the_zero_shot_evaluation_ends_the_run_at_once(demo_assets, dist_env, signals, tmp_path):
+    run = tmp_path / "run"
+    trainer = make_trainer(demo_assets, run, "train.eval_zero_shot=true")
+    os.kill(os.getpid(), signal.SIGINT)
+    assert trainer.train() == {"preempted": True, "checkpoint": None, "exit_code": 130}
+    assert complete_tag(run / "checkpoints") is None and not [r for r in records(run) if "loss" in r]
 
 
 def test_epochs_select_the_best_validation_checkpoint_and_prune_the_rest(demo_assets, dist_env, signals, tmp_path):
