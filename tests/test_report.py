@@ -12,7 +12,7 @@ from PIL import Image
 
 from dsmoe.report import figures, main, report_run, report_runs
 from dsmoe.report.runs import (MISSING, RoutingLog, balance_series, best_validation, config_differences, encoders,
-                               imbalance, load_cv, load_run, routing_shares, run_labels, thirds)
+                               imbalance, load_cv, load_run, routing_shares, run_labels, summed_counts, thirds)
 
 CONFIG = {"method": "dm_adapter", "adapter": {"num_experts": 2, "top_k": 1},
           "optim": {"lr": 0.001, "betas": [0.9, 0.999]}, "train": {"epochs": 2, "output_dir": "runs/a"},
@@ -83,7 +83,7 @@ def series_points(series) -> list[tuple[int, float]]:
 
 
 def assert_series(series, steps: list[int], values: list[float]) -> None:
-    assert series.steps == steps and series.values == pytest.approx(values)
+    assert list(series.steps) == steps and list(series.values) == pytest.approx(values)
 
 
 # --- data --------------------------------------------------------------------------------------------------------
@@ -283,3 +283,27 @@ def test_cli_prints_the_paths_it_wrote(run_dir, tmp_path, capsys):
     assert main([str(run_dir), str(other), "--out", str(tmp_path / "cmp")]) == 0
     printed = [Path(line) for line in capsys.readouterr().out.splitlines()]
     assert printed[-1] == tmp_path / "cmp" / "comparison.md" and all(path.is_file() for path in printed)
+
+
+def test_non_finite_values_and_steps_that_repeat_or_go_back_are_warned_about(tmp_path, capsys):
+    """What a diverged run or two runs in one folder leave in metrics.jsonl is said, not drawn silently."""
+    records = [{"step": n, "loss": 1.0 / n, "lr": 0.1} for n in range(1, 6)]
+    records[3]["loss"] = float("nan")
+    records += [{"step": n, "loss": float("inf"), "lr": 0.1} for n in (3, 4)]  # a second run's records
+    run = load_run(write_run(tmp_path / "mixed", records, results=None, corrupt=False))
+    err = capsys.readouterr().err
+    assert "'loss' is not finite (NaN or infinite) at 3 logged steps, the first at step 4" in err
+    assert "steps repeat or go back 1 times (the first at line 6: step 3 after step 5)" in err
+    assert len(run.warnings) == 2 and list(run.losses["loss"].steps) == [1, 2, 3, 4, 5, 3, 4]
+    summary = (report_run(run, tmp_path / "out")[-1]).read_text()
+    assert "- Warning: steps repeat or go back" in summary and "- Warning: 'loss' is not finite" in summary
+
+
+def test_routing_logs_of_a_long_run_are_merged_keeping_their_sums(tmp_path, monkeypatch):
+    from dsmoe.report import runs
+
+    monkeypatch.setattr(runs, "MAX_ROUTING_LOGS", 4)
+    records = [{"step": n, "loss": 1.0, "routing": {"image.0": [n, 1]}} for n in range(1, 20)]
+    run = load_run(write_run(tmp_path / "long", records, results=None, corrupt=False))
+    assert 4 <= len(run.routing) < 8 and run.routing[-1].step == 19
+    assert summed_counts(run.routing, "image.0") == [sum(range(1, 20)), 19]

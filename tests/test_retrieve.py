@@ -90,3 +90,41 @@ def test_the_command_refuses_a_folder_without_a_checkpoint_before_building_anyth
 
     assert main(["--checkpoint", str(tmp_path), "--query", "a man"]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_the_results_page_escapes_hostile_keys_labels_and_queries(tmp_path):
+    """Keys and captions come from shards: nothing in them becomes markup of the page."""
+    from html.parser import HTMLParser
+
+    from dsmoe.retrieve import Answer, Hit, write_page
+
+    hostile = "x'><img src=x onerror=alert(1)><script>alert(2)</script>\"&"
+    answers = [Answer(hostile, [Hit(1, 0.5, 0, hostile, 7, True), Hit(2, 0.25, 1, "test_0000001", 8, False)], 1, 1)]
+    page = tmp_path / "results.html"
+    write_page(page, answers, {0: b"\xff\xd8jpeg0", 1: b"\xff\xd8jpeg1"}, title=hostile)
+
+    class Tags(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.attributes, self.text = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            self.attributes += attrs
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    parsed = Tags()
+    parsed.feed(page.read_text())
+    assert "script" not in parsed.tags and parsed.tags.count("img") == 2
+    assert {name for name, _ in parsed.attributes} == {"charset", "class", "data-key", "data-rank", "src", "alt"}
+    assert ("data-key", hostile) in parsed.attributes and ("alt", hostile) in parsed.attributes
+    assert sum(hostile in text for text in parsed.text) >= 3  # title, heading and caption: shown as text
+
+
+def test_an_empty_query_is_refused(tmp_path, capsys):
+    from dsmoe.retrieve import main
+
+    assert main(["--checkpoint", str(tmp_path), "--query", "  "]) == 2
+    assert "--query: an empty query" in capsys.readouterr().err

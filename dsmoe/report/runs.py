@@ -6,10 +6,12 @@ import json
 import math
 import re
 import sys
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import yaml
 
 # numeric keys of a training step record that are not loss terms
@@ -30,12 +32,12 @@ class ReportError(Exception):
 
 @dataclass
 class Series:
-    """Values over training steps."""
-    steps: list[int] = field(default_factory=list)
-    values: list[float] = field(default_factory=list)
+    """Values over training steps (compact arrays: a run of a million steps is read in bounded memory)."""
+    steps: array = field(default_factory=lambda: array("q"))
+    values: array = field(default_factory=lambda: array("d"))
 
     def add(self, step: int, value: float) -> None:
-        self.steps.append(step)
+        self.steps.append(int(step))
         self.values.append(value)
 
 
@@ -66,6 +68,7 @@ class Run:
     config: dict
     results: dict | None
     skipped_lines: list[int]
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def method(self) -> str:
@@ -73,7 +76,7 @@ class Run:
 
     @property
     def last_step(self) -> int | None:
-        steps = [s for series in self.losses.values() for s in series.steps[-1:]] + self.lr.steps[-1:]
+        steps = [s for series in (*self.losses.values(), self.lr) for s in series.steps[-1:]]
         return max(steps) if steps else None
 
 
@@ -81,78 +84,158 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def read_records(path: Path) -> tuple[list[dict], list[int]]:
-    """The JSON objects of a metrics.jsonl file, and the numbers of the lines that are not one (a crash mid-write)."""
-    records, bad = [], []
+MAX_ROUTING_LOGS = 4096
+"""Routing logs kept per run; past twice this, neighbours are merged (counts summed over both intervals)."""
+MAX_SKIPPED_LINES = 100
+
+
+class _RecordReader:
+    """One pass over a run's metrics.jsonl records, keeping only what the report draws: loss and lr curves,
+    evaluations and (thinned) routing counts, and what is wrong with the records (non-finite values, steps that
+    repeat or go back)."""
+
+    def __init__(self) -> None:
+        self.losses: dict[str, Series] = {}
+        self.lr = Series()
+        self.evals: list[EvalPoint] = []
+        self.routing = _RoutingLogs()
+        self.skipped: list[int] = []
+        self.skipped_count = 0
+        self.last_step: float | None = None  # of the last step record
+        self.non_finite: dict[str, list] = {}  # key -> [count, first step]
+        self.backwards: list = [0, None]  # [count, (line, step, previous step) of the first]
+
+    def add_line(self, number: int, line: str) -> None:
+        if not line.strip():
+            return
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            self.skipped_count += 1
+            if len(self.skipped) < MAX_SKIPPED_LINES:
+                self.skipped.append(number)
+            return
+        event = record.get("event")
+        if event in EVAL_EVENTS:
+            step = record["step"] if is_number(record.get("step")) else (self.last_step or 0)
+            self.evals.append(EvalPoint(event, int(step), numeric_metrics(record)))
+        elif event is None and is_number(record.get("step")):
+            self._step(number, record)
+
+    def _step(self, number: int, record: dict) -> None:
+        step = record["step"]
+        if self.last_step is not None and step <= self.last_step:
+            self.backwards[0] += 1
+            if self.backwards[1] is None:
+                self.backwards[1] = (number, step, self.last_step)
+        self.last_step = step
+        for key, value in record.items():
+            if type(value) not in _COUNT_TYPES or key in ("time", "step"):
+                continue
+            if not math.isfinite(value):
+                self.non_finite.setdefault(key, [0, step])[0] += 1
+            if key == "lr":
+                self.lr.add(step, value)
+            elif key not in NON_LOSS_KEYS:
+                self.losses.setdefault(key, Series()).add(step, value)
+        routing = record.get("routing")
+        if isinstance(routing, dict) and routing:
+            self.routing.add(int(step), routing)
+
+    def warnings(self, path: Path) -> list[str]:
+        out = []
+        if self.skipped_count == 1:
+            out.append(f"{path} line {self.skipped[0]} is not a JSON record; skipped")
+        elif self.skipped_count:
+            shown = ", ".join(map(str, self.skipped)) + (" ..." if self.skipped_count > len(self.skipped) else "")
+            out.append(f"{path} lines {shown} are not JSON records ({self.skipped_count} in all); skipped")
+        for key, (count, first) in self.non_finite.items():
+            out.append(f"{path}: '{key}' is not finite (NaN or infinite) at {count} logged steps, the first at step "
+                       f"{first}")
+        count, first = self.backwards
+        if count:
+            line, step, previous = first
+            out.append(f"{path}: steps repeat or go back {count} times (the first at line {line}: step {step} after "
+                       f"step {previous}): two runs may have written into this folder, or a crashed run's records "
+                       f"were not cut")
+        return out
+
+
+_COUNT_TYPES = {int, float}
+
+
+class _RoutingLogs:
+    """Routing logs in step order, at most ``2 * MAX_ROUTING_LOGS``: past that, neighbours are merged and later logs
+    are summed in groups as large, so each kept log covers an interval and every count is kept in some sum."""
+
+    def __init__(self) -> None:
+        self.logs: list[RoutingLog] = []
+        self.group = 1  # logs summed into each kept one
+        self.pending: tuple | None = None  # (layers, summed counts, logs in it, last step)
+
+    def add(self, step: int, routing: dict) -> None:
+        layers = tuple(routing)
+        try:
+            counts = np.array(list(routing.values()), dtype=np.float64)
+            if counts.ndim != 2 or not counts.size:
+                raise ValueError("not a table")
+        except (ValueError, TypeError):  # experts differ per layer, or something else: one by one
+            self._close()
+            checked = {layer: list(map(int, values)) for layer, values in routing.items()
+                       if isinstance(values, list) and values and set(map(type, values)) <= _COUNT_TYPES}
+            if checked:
+                self._keep(RoutingLog(step, checked))
+            return
+        pending = self.pending
+        if pending and pending[0] == layers and pending[1].shape == counts.shape and pending[2] < self.group:
+            self.pending = (layers, pending[1] + counts, pending[2] + 1, step)
+        else:
+            self._close()
+            self.pending = (layers, counts, 1, step)
+
+    def _close(self) -> None:
+        if self.pending is not None:
+            layers, counts, _, step = self.pending
+            self.pending = None
+            self._keep(RoutingLog(step, dict(zip(layers, counts.astype(np.int64).tolist()))))
+
+    def _keep(self, log: RoutingLog) -> None:
+        self.logs.append(log)
+        if len(self.logs) >= 2 * MAX_ROUTING_LOGS:
+            self.logs = [_merged(a, b) for a, b in zip(self.logs[::2], self.logs[1::2])] + self.logs[
+                len(self.logs) // 2 * 2:]
+            self.group *= 2
+
+    def finish(self) -> list[RoutingLog]:
+        self._close()
+        return sorted(self.logs, key=lambda log: log.step)
+
+
+def _merged(a: RoutingLog, b: RoutingLog) -> RoutingLog:
+    """Two neighbouring routing logs as one over both intervals (ending at the later step)."""
+    counts = dict(a.counts)
+    for layer, values in b.counts.items():
+        mine = counts.get(layer, [])
+        if len(mine) < len(values):
+            mine = mine + [0] * (len(values) - len(mine))
+        counts[layer] = [x + y for x, y in zip(mine, values)] + mine[len(values):]
+    return RoutingLog(b.step, counts)
+
+
+def read_metrics(path: Path) -> _RecordReader:
+    """A metrics.jsonl file read line by line (memory bounded by what the report keeps, not by the file)."""
+    reader = _RecordReader()
     with path.open(encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                bad.append(number)
-    return records, bad
-
-
-def step_records(records: list[dict]) -> list[dict]:
-    """The training step records (those without an ``event``)."""
-    return [r for r in records if "event" not in r and is_number(r.get("step"))]
-
-
-def loss_series(records: list[dict]) -> dict[str, Series]:
-    """Each loss term over steps: every numeric key of the step records that is not in NON_LOSS_KEYS."""
-    out: dict[str, Series] = {}
-    for record in step_records(records):
-        for key, value in record.items():
-            if key not in NON_LOSS_KEYS and is_number(value):
-                out.setdefault(key, Series()).add(record["step"], value)
-    return out
-
-
-def lr_series(records: list[dict]) -> Series:
-    """The learning rate over steps."""
-    series = Series()
-    for record in step_records(records):
-        if is_number(record.get("lr")):
-            series.add(record["step"], record["lr"])
-    return series
+            reader.add_line(number, line)
+    return reader
 
 
 def numeric_metrics(record: dict | None) -> dict[str, float]:
     """The top-level numeric metrics of an evaluation (per-language dicts, counts and bookkeeping left out)."""
     return {k: v for k, v in (record or {}).items() if k not in NON_METRIC_KEYS and is_number(v)}
-
-
-def eval_points(records: list[dict]) -> list[EvalPoint]:
-    """The zero-shot, validation and test evaluations, in the order they were logged. A record without a step
-    (older runs) takes the step of the last training record before it (0 before any)."""
-    points, last_step = [], 0
-    for record in records:
-        if record.get("event") in EVAL_EVENTS:
-            step = record["step"] if is_number(record.get("step")) else last_step
-            points.append(EvalPoint(record["event"], int(step), numeric_metrics(record)))
-        elif "event" not in record and is_number(record.get("step")):
-            last_step = record["step"]
-    return points
-
-
-def routing_logs(records: list[dict]) -> list[RoutingLog]:
-    """The routing counts of the step records that have them, by step."""
-    logs = []
-    for record in step_records(records):
-        routing = record.get("routing")
-        if not isinstance(routing, dict):
-            continue
-        counts = {layer: [int(c) for c in values] for layer, values in routing.items()
-                  if isinstance(values, list) and values and all(is_number(c) for c in values)}
-        if counts:
-            logs.append(RoutingLog(int(record["step"]), counts))
-    return sorted(logs, key=lambda log: log.step)
 
 
 def _layer_order(name: str) -> tuple[str, int, str]:
@@ -243,21 +326,23 @@ def _read_mapping(path: Path, kind: str) -> dict | None:
 
 
 def load_run(path: Path | str) -> Run:
-    """Read a run folder; a metrics.jsonl line that does not parse is skipped with a warning on stderr."""
+    """Read a run folder; what is wrong with its metrics.jsonl (lines that are not JSON, non-finite values, steps
+    that repeat or go back) is said on stderr and kept in ``Run.warnings``."""
     path = Path(path)
     if not path.exists():
         raise ReportError(f"no such run folder: {path}")
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
         raise ReportError(f"not a run folder: {path} (no metrics.jsonl)")
-    records, skipped = read_records(metrics)
-    for number in skipped:
-        print(f"warning: {metrics} line {number} is not a JSON record; skipped", file=sys.stderr)
+    read = read_metrics(metrics)
+    warnings = read.warnings(metrics)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     results = _read_mapping(path / "results.json", "JSON")
     config = _read_mapping(path / "config.yaml", "YAML") or (results or {}).get("config") or {}
-    return Run(path=path.resolve(), label=path.resolve().name, losses=loss_series(records), lr=lr_series(records),
-               evals=eval_points(records), routing=routing_logs(records), config=config, results=results,
-               skipped_lines=skipped)
+    return Run(path=path.resolve(), label=path.resolve().name, losses=read.losses, lr=read.lr, evals=read.evals,
+               routing=read.routing.finish(), config=config, results=results, skipped_lines=read.skipped,
+               warnings=warnings)
 
 
 def run_labels(paths: list[Path]) -> list[str]:

@@ -55,6 +55,7 @@ def summary_markdown(run: Run, pictures: list[str]) -> str:
              f"- Trainable parameters: {format_metric(params)}"]
     if run.skipped_lines:
         lines.append(f"- Skipped metrics.jsonl lines (not JSON): {', '.join(map(str, run.skipped_lines))}")
+    lines += [f"- Warning: {warning.split(': ', 1)[-1]}" for warning in run.warnings if "JSON record" not in warning]
     zero_shot, test = final_metrics(run, "zero_shot"), final_metrics(run, "test")
     names = list(dict.fromkeys([*zero_shot, *test]))
     if names:
