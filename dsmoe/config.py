@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
-from dsmoe import methods
-from dsmoe.shards.location import RemoteReads
+from dsmoe.methods import registry
+from dsmoe.data.location import RemoteReads
 from dsmoe.schema import ConfigError, at_least, from_dict, location, locations, looks_local, positive, ranged, share
 
 DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "dm_adapter" / "demo.yaml"
@@ -189,7 +189,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.method_config is None:  # the method's defaults
-            self.method_config = methods.method_spec(self.method).config()
+            self.method_config = registry.method_spec(self.method).config()
 
     def validate(self) -> None:
         """Checks that need more than one field (single values are checked against their ``Range`` as they are
@@ -267,9 +267,9 @@ def run_config_from_dict(data: dict) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"the config: expected a mapping, got {data!r}")
     data = dict(data)
-    spec = methods.method_spec(data.get("method", RunConfig.method))
+    spec = registry.method_spec(data.get("method", RunConfig.method))
     section = data.pop(spec.name, None)
-    others = [name for name in methods.names() if name in data]
+    others = [name for name in registry.names() if name in data]
     if others:
         raise ConfigError(f"section '{others[0]}' belongs to method {others[0]}; this config's method is "
                           f"{spec.name} (method: {others[0]} to run it)")

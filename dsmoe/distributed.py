@@ -3,8 +3,10 @@ shared-memory buffers released, small collective flags, and an orderly end."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -74,3 +76,20 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(timeout_s: float = 600.0, threads: int | None = None) -> Iterator[tuple[int, int, int]]:
+    """An entry point's ranks: the process group started (``init_distributed``), any failure on any rank ending
+    every rank within seconds (``dsmoe.failures.FaultWatch``), and the group left in order once the work is done.
+    Yields (rank, world_size, local_rank)."""
+    from dsmoe.failures import FaultWatch
+
+    rank, world_size, local_rank = init_distributed(timeout_s, threads)
+    watch = FaultWatch(rank, world_size)
+    try:
+        yield rank, world_size, local_rank
+    except BaseException as exc:  # noqa: BLE001 - every failure ends every rank (see dsmoe.failures)
+        watch.fail(exc)
+    watch.stop()
+    shutdown()

@@ -13,13 +13,13 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import groups
 
-from dsmoe import checkpoint_engine
-from dsmoe.checkpoint import resolve_checkpoint
+from dsmoe.checkpoint import safe_io
+from dsmoe.checkpoint.folder import resolve_checkpoint
 from dsmoe.config import RunConfig
 from dsmoe.ds_config import DeviceSupport, resolve_precision
-from dsmoe.methods import get_method
+from dsmoe.methods.registry import get_method
 from dsmoe.optim import lr_factor, param_groups, trainable_parameters
-from dsmoe.checkpoint import is_portable
+from dsmoe.checkpoint.folder import is_portable
 from dsmoe.portable import load_portable
 
 
@@ -74,7 +74,7 @@ def build_training_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dic
         model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, warmup_steps, total_steps, start)))
-    checkpoint_engine.install(engine)
+    safe_io.install(engine)
     check_expert_placement(expert_parallel_size(cfg))
     return TrainingEngine(engine, optimizer, scheduler, trainable)
 
@@ -100,10 +100,10 @@ def build_inference_engine(cfg: RunConfig, checkpoint: str | Path, ep_size: int 
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                  "bf16": {"enabled": precision == "bf16"}, "zero_optimization": {"stage": 0}}
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-    checkpoint_engine.install(engine)
+    safe_io.install(engine)
     if not is_portable(checkpoint):
         root, tag = resolve_checkpoint(checkpoint)
-        checkpoint_engine.load_checkpoint(engine, root, tag, cfg, load_optimizer_states=False,
+        safe_io.load_checkpoint(engine, root, tag, cfg, load_optimizer_states=False,
                                           load_lr_scheduler_states=False, load_module_only=True)
         source = str(root / tag)
     return method, engine, source

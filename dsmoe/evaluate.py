@@ -10,12 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dsmoe.cli import RUN_CONFIG, add_config_arguments, add_launcher_arguments  # noqa: E402
-from dsmoe.checkpoint import check_checkpoint, run_config_for  # noqa: E402
-from dsmoe.config import ConfigError, load_config  # noqa: E402
+from dsmoe.checkpoint.folder import check_checkpoint, run_config_for
+from dsmoe.cli import RUN_CONFIG, add_config_arguments, add_launcher_arguments
+from dsmoe.config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,25 +33,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from dsmoe import distributed
-    from dsmoe.evaluation import evaluate_checkpoint
-    from dsmoe.faults import FaultWatch
+    from dsmoe.distributed import process_group
 
-    rank, world_size, local_rank = distributed.init_distributed(cfg.train.collective_timeout,
-                                                                cfg.train.threads_per_rank)
-    watch = FaultWatch(rank, world_size)
-    try:
+    with process_group(cfg.train.collective_timeout, cfg.train.threads_per_rank) as (rank, _, local_rank):
         metrics = evaluate_checkpoint(cfg, args.checkpoint, args.split or cfg.data.test_split, local_rank)
-    except BaseException as exc:  # noqa: BLE001 - every failure ends every rank (see dsmoe.faults)
-        watch.fail(exc)
-    watch.stop()
-    if rank == 0:
-        text = json.dumps(metrics, indent=2)
-        print(text)
-        if args.output:
-            Path(args.output).write_text(text)
-    distributed.shutdown()
+        if rank == 0:
+            text = json.dumps(metrics, indent=2)
+            print(text)
+            if args.output:
+                Path(args.output).write_text(text)
     return 0
+
+
+def evaluate_checkpoint(cfg, checkpoint: str | Path, split: str, local_rank: int) -> dict[str, float]:
+    """Score ``split`` with a saved run's adapters (any world size / ep_size); needs the process group."""
+    from dsmoe.engine import build_inference_engine, device_for
+    from dsmoe.evaluator import Evaluator
+
+    method, engine, source = build_inference_engine(cfg, checkpoint)
+    evaluator = Evaluator(cfg, engine, device_for(local_rank))
+    metrics = evaluator.evaluate(method, split)
+    return {"checkpoint": source, "split": split, **metrics, **evaluator.completeness(split)}
 
 
 if __name__ == "__main__":

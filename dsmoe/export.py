@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dsmoe.checkpoint import check_checkpoint, run_config_for  # noqa: E402
-from dsmoe.cli import RUN_CONFIG, add_config_arguments  # noqa: E402
-from dsmoe.config import ConfigError, load_config  # noqa: E402
-from dsmoe.launcher import launched_world_size  # noqa: E402
+from dsmoe.checkpoint.folder import check_checkpoint, run_config_for
+from dsmoe.cli import RUN_CONFIG, add_config_arguments
+from dsmoe.config import ConfigError, load_config
+from dsmoe.launcher import launched_world_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,19 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from dsmoe import distributed
+    from dsmoe.distributed import process_group
     from dsmoe.engine import build_inference_engine
-    from dsmoe.faults import FaultWatch
     from dsmoe.portable import save_portable
 
-    distributed.init_distributed(cfg.train.collective_timeout, cfg.train.threads_per_rank)
-    watch = FaultWatch(0, 1)
-    try:
+    with process_group(cfg.train.collective_timeout, cfg.train.threads_per_rank):
         _, engine, source = build_inference_engine(cfg, args.checkpoint, ep_size=1)
         path = save_portable(engine.module, cfg, args.output, source)
-    except BaseException as exc:  # noqa: BLE001
-        watch.fail(exc)
-    distributed.shutdown()
     print(f"wrote {path} and {path.with_suffix('.yaml')} from {source}")
     return 0
 

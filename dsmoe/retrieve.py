@@ -20,20 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dsmoe.checkpoint import check_checkpoint, is_portable, run_config_for  # noqa: E402
-from dsmoe.cli import RUN_CONFIG, add_config_arguments  # noqa: E402
-from dsmoe.config import ConfigError, RunConfig, load_config  # noqa: E402
-from dsmoe.launcher import launched_world_size  # noqa: E402
-from dsmoe.shards.format import manifest_address, read_split  # noqa: E402
-from dsmoe.shards.location import DEFAULT_READS, RemoteReads, read_bytes  # noqa: E402
+from dsmoe.checkpoint.folder import check_checkpoint, is_portable, run_config_for
+from dsmoe.cli import RUN_CONFIG, add_config_arguments
+from dsmoe.config import ConfigError, RunConfig, load_config
+from dsmoe.launcher import launched_world_size
+from dsmoe.data.format import manifest_address, read_split
+from dsmoe.data.location import DEFAULT_READS, RemoteReads, read_bytes
 
 if TYPE_CHECKING:
     import torch
 
-    from dsmoe.evaluation import Gallery
+    from dsmoe.evaluator import Gallery
 
 GALLERY_VERSION = 1
 
@@ -93,7 +90,7 @@ def load_gallery(path: Path, stamp: dict) -> Gallery | None:
     """The cached gallery at ``path`` if it was computed from ``stamp``'s inputs (else None)."""
     import torch
 
-    from dsmoe.evaluation import Gallery
+    from dsmoe.evaluator import Gallery
 
     if not path.is_file():
         return None
@@ -279,7 +276,7 @@ def load_retriever(cfg: RunConfig, checkpoint: str | Path, split: str, language:
     """A checkpoint's model with the gallery of ``split`` (encoded now, or read from its cache), answering queries
     in ``language`` (default: the first the run was trained on). Needs the process group."""
     from dsmoe.engine import build_inference_engine, device_for
-    from dsmoe.evaluation import Evaluator
+    from dsmoe.evaluator import Evaluator
 
     method, engine, source = build_inference_engine(cfg, checkpoint)
     folder = retrieval_dir(source)  # the weights the engine read: a run's selected tag, or the adapters file
@@ -307,12 +304,15 @@ def write_results(retriever: Retriever, cfg: RunConfig, split: str, answers: lis
 
 
 def _retrieve(cfg: RunConfig, args: argparse.Namespace, queries: list[str], interactive: bool) -> int:
-    from dsmoe import distributed
+    from dsmoe.distributed import process_group
 
     split = args.split or cfg.data.test_split
-    distributed.init_distributed(cfg.train.collective_timeout, cfg.train.threads_per_rank)
-    try:
-        retriever = load_retriever(cfg, args.checkpoint, split, args.language, args.rebuild)
+    with process_group(cfg.train.collective_timeout, cfg.train.threads_per_rank):
+        try:
+            retriever = load_retriever(cfg, args.checkpoint, split, args.language, args.rebuild)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         queries += split_captions(retriever.gallery, retriever.language, args.split_captions)
         answers = []
         for batch in ([q] for q in _prompted_queries()) if interactive else [queries]:
@@ -322,11 +322,6 @@ def _retrieve(cfg: RunConfig, args: argparse.Namespace, queries: list[str], inte
         if answers:
             page = write_results(retriever, cfg, split, answers, Path(args.html) if args.html else None)
             print(f"[dsmoe] results page: {page}")
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.shutdown()
     return 0
 
 

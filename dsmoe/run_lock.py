@@ -18,7 +18,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from dsmoe.faults import RunError
+from dsmoe.failures import RunError
 
 LOCK_FILE = "run.lock"
 

@@ -15,12 +15,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # started as a script (deepspeed dsmoe/train.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsmoe.checkpoint import complete_tag, is_portable, read_marker, resume_point  # noqa: E402
+from dsmoe.checkpoint.folder import complete_tag, is_portable, read_marker, resume_point  # noqa: E402
 from dsmoe.cli import add_common_arguments  # noqa: E402
 from dsmoe.config import ConfigError, RunConfig, load_config  # noqa: E402
 from dsmoe.ds_config import load_ds_config  # noqa: E402
 from dsmoe.launcher import launched_world_size  # noqa: E402
-from dsmoe.shards.format import ManifestError, read_split  # noqa: E402
+from dsmoe.data.format import ManifestError, read_split  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,26 +103,18 @@ def main(argv: list[str] | None = None) -> int:
 
         prepare_demo_once(stages[0][0])
 
-    from dsmoe import distributed
-    from dsmoe.faults import FaultWatch
+    from dsmoe.distributed import process_group
 
-    rank, world_size, local_rank = distributed.init_distributed(stages[0][0].train.collective_timeout,
-                                                                stages[0][0].train.threads_per_rank)
-    assert world_size == launched_world_size(), "the process group disagrees with the launcher's WORLD_SIZE"
-    watch = FaultWatch(rank, world_size)
-    try:
-        code = run(stages, args.resume, rank, world_size, local_rank, args.allow_config_change)
-    except BaseException as exc:  # noqa: BLE001 - every failure ends every rank (see dsmoe.faults)
-        watch.fail(exc)
-    watch.stop()
-    distributed.shutdown()
-    return code
+    train = stages[0][0].train
+    with process_group(train.collective_timeout, train.threads_per_rank) as (rank, world_size, local_rank):
+        assert world_size == launched_world_size(), "the process group disagrees with the launcher's WORLD_SIZE"
+        return run(stages, args.resume, rank, world_size, local_rank, args.allow_config_change)
 
 
 def finished_results(cfg: RunConfig) -> str | None:
     """The results table of a run whose newest checkpoint completed every epoch, else None."""
-    from dsmoe.evaluation import format_results
-    from dsmoe.methods import get_method
+    from dsmoe.evaluator import format_results
+    from dsmoe.methods.registry import get_method
 
     root = Path(cfg.train.output_dir)
     tag = complete_tag(root / "checkpoints")
@@ -172,7 +164,7 @@ def run(stages: list[tuple[RunConfig, dict]], resume: str, rank: int, world_size
 
 def stage_summary(stages: list[RunConfig]) -> str:
     """One table over the stages: the untrained model, then the test scores after each stage."""
-    from dsmoe.methods import get_method
+    from dsmoe.methods.registry import get_method
 
     results = [json.loads((Path(s.train.output_dir) / "results.json").read_text()) for s in stages]
     keys = get_method(stages[-1]).report_metrics

@@ -1,12 +1,9 @@
 """The training loop: step, log, evaluate, checkpoint, resume, stop for preemption, and the final test."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,35 +12,24 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from dsmoe import checkpoint as checkpoints
-from dsmoe import checkpoint_engine
-from dsmoe.checkpoint import complete_tag, is_portable, resolve_checkpoint
-from dsmoe.config import ConfigError, RunConfig, to_dict
-from dsmoe.data.faults import FaultLog, bad_sample_limit, summarize
+from dsmoe.checkpoint.manager import CheckpointManager
+from dsmoe.config import RunConfig, to_dict
+from dsmoe.data.bad_samples import FaultLog, bad_sample_limit, summarize
 from dsmoe.data.pipeline import TrainStreamConfig, batches_per_epoch, train_loader
 from dsmoe.data.transforms import normalize
 from dsmoe.distributed import flag_tensor
 from dsmoe.engine import build_training_engine, device_for, expert_parallel_size
-from dsmoe.evaluation import EvaluationStopped, Evaluator, format_results
-from dsmoe.faults import RunError
+from dsmoe.evaluator import EvaluationStopped, Evaluator, format_results
+from dsmoe.failures import RunError
 from dsmoe.files import write_atomic
-from dsmoe.methods import get_method
+from dsmoe.methods.registry import get_method
 from dsmoe.methods.base import Method
 from dsmoe.moe.routing_counts import RoutingCounts
 from dsmoe.optim import warmup_steps, whole_model_trainable
 from dsmoe.preemption import REQUEUE, STOP, PreemptionWatch
-from dsmoe.provenance import config_changes, run_facts
+from dsmoe.provenance import run_facts
 from dsmoe.run_log import Pace, RunLogger, peak_memory, step_line
-from dsmoe.shards.format import read_split
-
-DATA_CURSORS = "data_cursors_rank{rank}.json"
-"""Each rank's file in a checkpoint folder: where each of its data slots' streams is (``dsmoe.data.slot_stream``)."""
-
-
-def _cursor_digest(cursors: dict) -> str:
-    """The checksum a data cursor file carries: a file cut short or edited by hand is not read as a place."""
-    return hashlib.sha256(json.dumps(cursors, sort_keys=True).encode()).hexdigest()
-
+from dsmoe.data.format import read_split
 
 @dataclass
 class Progress:
@@ -70,7 +56,6 @@ class Trainer:
         self.facts = run_facts(world_size) if rank == 0 else {}  # rank 0 writes the markers and results.json
         self.device = device_for(local_rank)
         self.run_dir = Path(cfg.train.output_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
         self.ds_config = ds_config
         self.method: Method = get_method(cfg)
         self.steps_per_epoch = batches_per_epoch(cfg.data.shards, cfg.data.train_split, cfg.train.batch_size,
@@ -85,6 +70,7 @@ class Trainer:
         self.ep_size = expert_parallel_size(cfg)
         self.trainable_count = whole_model_trainable(self.model, self.ep_size)
         self.trainable_on_rank = built.trainable_parameters
+        self.checkpoints = CheckpointManager(self.engine, cfg, rank, world_size, self.ep_size, self.facts)
         self.evaluator = Evaluator(cfg, self.engine, self.device, stop_request=lambda: self.preemption.state)
         self.progress = Progress()
         self.started_from = portable_init
@@ -115,124 +101,41 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             write_atomic(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2))
-            checkpoints.remove_staging(self.ckpt_root)
+        self.checkpoints.remove_staging()
 
     def resume(self, spec: str | None) -> bool:
-        """Continue from ``checkpoints.resume_point(spec)``; False when there is nothing to continue from."""
-        point = checkpoints.resume_point(spec, self.ckpt_root)
-        if point is None:
-            if spec == "auto":
-                self.log.info("resume auto: no complete checkpoint yet, starting fresh")
+        """Continue from the checkpoint ``spec`` names (``dsmoe.checkpoint.folder.resume_point``); False when there
+        is nothing to continue from."""
+        restored = self.checkpoints.restore(spec, self.allow_config_change, self.log.info)
+        if restored is None:
             return False
-        root, tag = point
-        marker = checkpoints.read_marker(root, tag)
-        changes = config_changes(marker["config"], to_dict(self.cfg)) if "config" in marker else []
-        if changes and not self.allow_config_change:
-            raise ConfigError(f"{root / tag} was trained with other settings:\n  " + "\n  ".join(changes)
-                              + "\nresume with --allow-config-change to continue with the new ones, or start a "
-                                "new run (another train.output_dir)")
-        if changes:
-            self.log.info("WARNING: continuing with changed settings:\n  " + "\n  ".join(changes))
-        layout = {"world_size": self.world_size, "ep_size": self.ep_size}
-        saved = {k: marker.get(k, layout[k]) for k in layout}
-        same = saved == layout
-        if not same:
-            self.log.info(f"WARNING: {root / tag} was saved with {saved}, this run has {layout}: loading the weights "
-                          f"(experts resharded) and progress; the optimiser state restarts and the data order changes")
-        _, client = checkpoint_engine.load_checkpoint(self.engine, root, tag, self.cfg, load_optimizer_states=same)
-        if client is None or "progress" not in client:
-            raise RunError(f"checkpoint {root / tag} could not be loaded or has no training progress")
+        client = restored.client
         self.progress = Progress(**client["progress"])
         self.method.load_state_dict(client.get("method", {}))
         self.faults.load_state_dict(client.get("bad_samples", []))
-        self.data_cursors, data = self._read_data_cursors(root / tag, same)
-        self.log.info(f"resumed from {root / tag}: epoch {self.progress.epoch}, batch {self.progress.batch}, "
-                      f"step {self.engine.global_steps}{data}")
+        self.data_cursors = restored.data_cursors
+        self.log.info(f"resumed from {restored.path}: epoch {self.progress.epoch}, batch {self.progress.batch}, "
+                      f"step {self.engine.global_steps}{restored.data_note}")
         dropped = self.log.cut_after(self.engine.global_steps)
         if dropped:
             self.log.info(f"metrics.jsonl: dropped {dropped} records logged after step {self.engine.global_steps} "
                           f"by the interrupted run (they are logged again from there)")
         return True
 
-    def _read_data_cursors(self, folder: Path, same_layout: bool) -> tuple[dict[int, dict | None], str]:
-        """This rank's saved stream places where they fit this run (else none: the epoch's order is replayed up to
-        the saved batch), and what that means for the log."""
-        prog = self.progress
-        if not prog.batch:
-            return {}, ""
-        replay = "the epoch's order is replayed up to there"
-        path = folder / DATA_CURSORS.format(rank=self.rank)
-        if not path.exists():
-            return {}, f"; no saved data stream places: {replay}"
-        try:
-            saved = json.loads(path.read_text())
-            digest = saved.pop("sha256", None)
-            if digest != _cursor_digest(saved):
-                raise ValueError("its checksum does not match its content")
-            cursors = {int(slot): state for slot, state in saved["cursors"].items()}
-            at = (saved["epoch"], saved["batch"], saved["workers"], saved["world_size"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            print(f"[dsmoe] rank {self.rank}: WARNING: {path} does not read ({type(exc).__name__}: {exc}); {replay} "
-                  f"instead", file=sys.stderr, flush=True)
-            return {}, f"; {replay}"
-        if not same_layout:
-            return {}, ""  # said above: the data order changes
-        if at[2] != self.cfg.data.workers:
-            self.log.info(f"WARNING: data.workers was {at[2]} in {folder}, is {self.cfg.data.workers} here: the data "
-                          f"order changes from here (the rest of epoch {prog.epoch} is taken in the order of "
-                          f"{self.cfg.data.workers} workers per rank: some of its pairs may be seen twice, others "
-                          f"not at all)")
-            return {}, "; data order changed (data.workers)"
-        if at[:2] != (prog.epoch, prog.batch):
-            return {}, f"; its data stream places are of another batch: {replay}"
-        places = sum(state is not None for state in cursors.values())
-        if not places:
-            return {}, f"; no usable data stream places: {replay}"
-        return cursors, f"; the data continues from {places} saved stream places"
     def init_from(self, path: str) -> None:
         """Start from another run's trainable weights (e.g. DASD's CMA from its CLA run); optimiser state fresh."""
-        if is_portable(path):
-            raise AssertionError("portable files are loaded before deepspeed.initialize (Trainer portable_init)")
-        root, tag = resolve_checkpoint(path)
-        checkpoint_engine.load_checkpoint(self.engine, root, tag, self.cfg, load_optimizer_states=False,
-                                          load_lr_scheduler_states=False, load_module_only=True)
-        self.started_from = str(root / tag)
-        self.log.info(f"initialised the trainable weights from {root / tag}")
+        source = self.checkpoints.load_weights(path)
+        self.started_from = str(source)
+        self.log.info(f"initialised the trainable weights from {source}")
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
     def save(self, tag: str) -> None:
-        """Save on every rank into a staging folder; when every rank has written its files, mark it complete, give
-        it its name and move the ``latest`` pointer. A failed write removes the staging folder."""
+        """A checkpoint of the whole run at ``tag`` (every rank; ``dsmoe.checkpoint.manager``)."""
         self._merge_faults()
-        state = {"progress": self.progress.__dict__, "global_step": self.engine.global_steps,
-                 "method": self.method.state_dict(), "bad_samples": self.faults.state_dict()}
-        staging = checkpoints.STAGING_PREFIX + tag
-        try:
-            self.engine.save_checkpoint(str(self.ckpt_root), staging, client_state=state, save_latest=False,
-                                        exclude_frozen_parameters=True)
-            cursors = json.loads(json.dumps(  # a cursor's int arrays as lists
-                {"epoch": self.progress.epoch, "batch": self.progress.batch, "workers": self.cfg.data.workers,
-                 "world_size": self.world_size, "cursors": self.data_cursors}, default=list))
-            (self.ckpt_root / staging / DATA_CURSORS.format(rank=self.rank)).write_text(
-                json.dumps({**cursors, "sha256": _cursor_digest(cursors)}))
-        except BaseException:
-            shutil.rmtree(self.ckpt_root / staging, ignore_errors=True)
-            raise
-        dist.barrier()
-        if self.rank == 0:
-            marker = {"time": time.time(), "progress": self.progress.__dict__, "global_step": self.engine.global_steps,
-                      "world_size": self.world_size, "ep_size": self.ep_size, "config": to_dict(self.cfg),
-                      "run": self.facts}
-            checkpoints.publish(self.ckpt_root, staging, tag, json.dumps(marker))
-            checkpoints.prune(self.ckpt_root, self.cfg.train.keep_checkpoints)
-        dist.barrier()
-
-    def mark_best(self, tag: str) -> None:
-        if self.rank == 0:
-            checkpoints.write_pointer(self.ckpt_root, "best", tag)
-            checkpoints.prune(self.ckpt_root, self.cfg.train.keep_checkpoints)
-        dist.barrier()
+        client = {"progress": self.progress.__dict__, "global_step": self.engine.global_steps,
+                  "method": self.method.state_dict(), "bad_samples": self.faults.state_dict()}
+        self.checkpoints.save(tag, client, self.data_cursors)
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
@@ -312,7 +215,7 @@ class Trainer:
                 prog.epoch, prog.batch = prog.epoch + 1, 0
                 self.data_cursors = {}
                 self._end_of_epoch()
-            elif complete_tag(self.ckpt_root) != f"step{self.engine.global_steps:08d}":
+            elif self.checkpoints.latest() != f"step{self.engine.global_steps:08d}":
                 self.save(f"step{self.engine.global_steps:08d}")
         bar.close()
         return self.finish()
@@ -322,9 +225,9 @@ class Trainer:
         Slurm job if the warning signal asked for it; after SIGTERM or SIGINT the outcome carries the exit code the
         process should end with."""
         tag = f"step{self.engine.global_steps:08d}"
-        if save and complete_tag(self.ckpt_root) != tag:
+        if save and self.checkpoints.latest() != tag:
             self.save(tag)
-        tag = complete_tag(self.ckpt_root)
+        tag = self.checkpoints.latest()
         kept = f"saved {tag}" if save else f"the latest checkpoint is {tag or 'none yet'}"
         step = self.engine.global_steps
         if request == REQUEUE and self.rank == 0:
@@ -413,7 +316,7 @@ class Trainer:
                 prog.best_score, prog.best_tag = score, tag
         self.save(tag)
         if cfg.data.val_split and prog.best_tag == tag:
-            self.mark_best(tag)
+            self.checkpoints.mark_best(tag)
 
     def finish(self) -> dict:
         """Test the selected model (best on val, else the last) and write results.json."""
@@ -422,9 +325,8 @@ class Trainer:
         selection = "last step (no validation split)" if not cfg.data.val_split else "last step (not validated)"
         if cfg.data.val_split and prog.best_tag:
             selection = f"best validation {self.method.selection_metric} ({prog.best_tag})"
-            if prog.best_tag != complete_tag(self.ckpt_root, "latest"):
-                checkpoint_engine.load_checkpoint(self.engine, self.ckpt_root, prog.best_tag, cfg,
-                                                  load_optimizer_states=False, load_lr_scheduler_states=False)
+            if prog.best_tag != self.checkpoints.latest():
+                self.checkpoints.load_selected(prog.best_tag)
         test = self.evaluate(cfg.data.test_split)
         results = {"model_selection": selection, "zero_shot": prog.zero_shot, "test": test,
                    "start_label": "untrained" if not self.started_from else "at start",

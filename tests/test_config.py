@@ -367,19 +367,19 @@ def test_keys_that_moved_say_where_to(tmp_path, old, new):
 def test_a_new_method_registers_itself_without_touching_the_shared_config(tmp_path):
     from dataclasses import dataclass
 
-    from dsmoe import methods
+    from dsmoe.methods import registry
 
     @dataclass
-    class EchoConfig(methods.MethodSettings):
+    class EchoConfig(registry.MethodSettings):
         width: int = 3
 
-    methods.register("echo", EchoConfig, "builtins:repr")
+    registry.register("echo", EchoConfig, "builtins:repr")
     try:
         cfg = load_config(_write(tmp_path, _minimal(method="echo", echo={"width": 5})))
         assert cfg.method_config == EchoConfig(width=5) and cfg.stage_runs() == [cfg]
-        assert methods.get_method(cfg) == repr(cfg)  # built by the registered "module:function"
+        assert registry.get_method(cfg) == repr(cfg)  # built by the registered "module:function"
     finally:
-        methods._METHODS.pop("echo")
+        registry._METHODS.pop("echo")
 
 
 def test_adam_without_bias_correction_selects_deepspeeds_own_adam():

@@ -18,10 +18,10 @@ import torch
 import faulty_shards as fs
 from dsmoe.config import ConfigError, load_config
 from launch import REPO_ROOT
-from dsmoe.data.faults import FaultLog, SampleFault, bad_sample_limit, summarize
-from dsmoe.data.pipeline import EvalImages, TrainStream, TrainStreamConfig, train_loader
+from dsmoe.data.bad_samples import FaultLog, SampleFault, bad_sample_limit, summarize
+from dsmoe.data.pipeline import CaptionPairs, EvalImages, TrainStream, TrainStreamConfig, train_loader
 from dsmoe.data.slot_stream import SlotStream
-from dsmoe.shards.format import read_split
+from dsmoe.data.format import read_split
 from dsmoe.shards.layouts.person import read_person_layout
 from dsmoe.shards.writer import write_shards
 from dsmoe.demo.people import make_synthetic_pedes
@@ -93,7 +93,7 @@ def _pairs(batches: list[dict]) -> list[tuple]:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_training_stream_skips_and_reports_every_kind_of_unusable_sample(intact, faulty, encoder, workers):
     shard_dir, expected, usable = faulty
-    batches = list(train_loader(_stream(shard_dir, batches=12), encoder, 0, 0, workers))
+    batches = list(train_loader(_stream(shard_dir, batches=12), CaptionPairs(encoder), 0, 0, workers))
     assert len(batches) == 12 and all(len(b["pid"]) == 2 and b["image"].shape[0] == 2 for b in batches)
     found = {f.identity: f.reason for b in batches for f in b["faults"]}
     assert set(found) == set(expected)
@@ -116,7 +116,7 @@ def test_a_shard_lost_part_way_is_reported_even_after_batches_left_the_worker(in
     fs.restate_manifests(shard_dir)
     cfg = TrainStreamConfig(shard_dir=str(shard_dir), split="train", image_size=IMAGE_SIZE, micro_batch=1,
                             batches_per_epoch=40, rank=0, world_size=1, seed=3, shuffle_buffer=1)
-    batches = list(train_loader(cfg, encoder, 0, 0, workers=1))  # 30 pairs a cycle: the shard is read twice
+    batches = list(train_loader(cfg, CaptionPairs(encoder), 0, 0, workers=1))  # 30 pairs a cycle: read twice
     faults = [(f.identity, i) for i, b in enumerate(batches) for f in b["faults"]]
     assert {identity for identity, _ in faults} == {"train-000000.tar#3"} and faults[0][1] > 0, faults
 
@@ -124,10 +124,10 @@ def test_a_shard_lost_part_way_is_reported_even_after_batches_left_the_worker(in
 def test_a_resumed_stream_replays_the_batches_around_undecodable_images(faulty, encoder):
     shard_dir, _, _ = faulty
     cfg = _stream(shard_dir, batches=10)
-    straight = list(train_loader(cfg, encoder, 0, 0, 0))
+    straight = list(train_loader(cfg, CaptionPairs(encoder), 0, 0, 0))
     for start in (3, 6):
         known = frozenset(f.identity for b in straight[:start] for f in b["faults"])
-        resumed = list(train_loader(cfg, encoder, 0, start, 0, known_bad=known))
+        resumed = list(train_loader(cfg, CaptionPairs(encoder), 0, start, 0, known_bad=known))
         assert _pairs(resumed) == _pairs(straight[start:])
         assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, straight[start:]))
 
@@ -137,11 +137,11 @@ def test_lost_samples_of_a_shard_are_split_between_readers_that_share_it(faulty,
     shard_dir, expected, _ = faulty
     found = []
     for slot in range(8):  # 8 readers, 4 shards
-        stream = TrainStream(_stream(shard_dir, batches=1, micro=1, world=8), encoder, epoch=0)
-        reader = SlotStream(stream, slot, 8)
+        stream = TrainStream(_stream(shard_dir, batches=1, micro=1, world=8), CaptionPairs(encoder), epoch=0)
+        reader = SlotStream(stream, stream._plan(), slot, 8)
         while reader._read() is not None:  # the first cycle's samples, in shard order
             pass
-        found += [f.identity for f in stream.faults]
+        found += [f.identity for f in reader.faults]
     # every sample that is unusable before decoding reported once, by one reader (images decode later)
     assert sorted(found) == sorted(i for i, reason in expected.items() if reason != "image does not decode")
 
@@ -195,7 +195,7 @@ def test_shards_that_are_not_what_their_manifest_says_are_faults_naming_them(int
                for s in (0, 1) for p in range(4))
     assert "not the shard the manifest describes" in faults["train-000000.tar#0"]
     assert len(read) == 12 and not set(fs.keys(intact / "train-000003.tar")) & set(read)  # the cut one: unread
-    streamed = list(train_loader(_stream(shard_dir, batches=16), encoder, 0, 0, 0))  # past one cycle
+    streamed = list(train_loader(_stream(shard_dir, batches=16), CaptionPairs(encoder), 0, 0, 0))  # a cycle on
     assert {f.identity for b in streamed for f in b["faults"]} == set(faults)
 
 
@@ -254,37 +254,38 @@ def _shm_buffers(port: int) -> list[str]:
     return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
-def _launch_probe(port: int, *args: str) -> tuple[int, float, str]:
+def _launch_probe(port: int, marks: Path, *args: str) -> tuple[int, str, dict[str, str]]:
+    """Run the probe; (exit code, output, {rank: exit code} of the ranks the fault watch ended)."""
+    marks.mkdir()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-           str(REPO_ROOT / "tests" / "scripts" / "fault_probe.py"), *args]
-    start = time.monotonic()
+           str(REPO_ROOT / "tests" / "scripts" / "fault_probe.py"), "--marks", str(marks), *args]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
-    return proc.returncode, time.monotonic() - start, proc.stdout + proc.stderr
+    return proc.returncode, proc.stdout + proc.stderr, {p.name: p.read_text() for p in marks.iterdir()}
 
 
 @pytest.mark.integration
-def test_a_failing_rank_ends_a_busy_peer_within_seconds_and_leaves_no_shared_memory():
+def test_a_failing_rank_ends_a_busy_peer_within_seconds_and_leaves_no_shared_memory(tmp_path):
     """Rank 1 fails while rank 0 is in a long step of its own (no collective to notice) and ignores SIGTERM, as a
-    training rank does: only the fault watch can end it before the launcher's 30 s SIGKILL."""
+    training rank does: only the fault watch can end it before the launcher's SIGKILL, 30 s later."""
     port = free_port()
-    code, seconds, out = _launch_probe(port, "--fail-rank", "1", "--other", "busy")
-    assert code != 0 and seconds < 25, (seconds, out[-3000:])
+    code, out, ended = _launch_probe(port, tmp_path / "marks", "--fail-rank", "1", "--other", "busy")
+    assert code != 0 and ended == {"rank0": "1", "rank1": "1"}, out[-3000:]  # both left through the watch
     assert out.count("[dsmoe] rank 1 failed: ValueError: injected failure") == 1 and out.count("Traceback") == 1
     assert "rank 0: stopping because rank 1 failed: ValueError: injected failure" in out
     assert _shm_buffers(port) == []
 
 
 @pytest.mark.integration
-def test_rank_zero_failing_ends_a_peer_blocked_in_a_collective_and_success_cleans_up():
+def test_rank_zero_failing_ends_a_peer_blocked_in_a_collective_and_success_cleans_up(tmp_path):
     port = free_port()
-    code, seconds, out = _launch_probe(port, "--fail-rank", "0", "--other", "collective")
-    assert code != 0 and seconds < 25, (seconds, out[-3000:])
+    code, out, ended = _launch_probe(port, tmp_path / "failing", "--fail-rank", "0", "--other", "collective")
+    assert code != 0 and ended == {"rank0": "1", "rank1": "1"}, out[-3000:]
     assert out.count("[dsmoe] rank 0 failed: ValueError: injected failure") == 1
     assert "rank 1: stopping" in out
     assert _shm_buffers(port) == []
     port = free_port()
-    code, _, out = _launch_probe(port)
-    assert code == 0 and "rank 0 finished" in out and "rank 1 finished" in out, out[-3000:]
+    code, out, ended = _launch_probe(port, tmp_path / "succeeding")
+    assert code == 0 and not ended and "rank 0 finished" in out and "rank 1 finished" in out, out[-3000:]
     assert _shm_buffers(port) == []
 
 
@@ -302,8 +303,8 @@ class _Plant:
 
 
 def test_a_planted_pickle_is_refused_and_never_runs(tmp_path):
-    from dsmoe.faults import RunError
-    from dsmoe.checkpoint_engine import load_safely
+    from dsmoe.failures import RunError
+    from dsmoe.checkpoint.safe_io import load_safely
 
     marker = tmp_path / "pwned"
     planted = tmp_path / "mp_rank_00_model_states.pt"
@@ -337,8 +338,8 @@ def small_tmpfs(tmp_path):
 
 
 def test_a_full_disk_during_a_checkpoint_write_names_the_file(small_tmpfs):
-    from dsmoe.checkpoint import CheckpointWriteError
-    from dsmoe.checkpoint_engine import SafeCheckpointEngine
+    from dsmoe.checkpoint.folder import CheckpointWriteError
+    from dsmoe.checkpoint.safe_io import SafeCheckpointEngine
 
     target = small_tmpfs / "step1" / "mp_rank_00_model_states.pt"
     target.parent.mkdir()
@@ -349,8 +350,8 @@ def test_a_full_disk_during_a_checkpoint_write_names_the_file(small_tmpfs):
 def test_an_injected_write_error_names_the_file(tmp_path, monkeypatch):
     import errno
 
-    from dsmoe import checkpoint_engine
-    from dsmoe.checkpoint import CheckpointWriteError
+    from dsmoe.checkpoint import safe_io
+    from dsmoe.checkpoint.folder import CheckpointWriteError
 
     class FullDisk:
         def __init__(self, *args, **kwargs):
@@ -368,14 +369,14 @@ def test_an_injected_write_error_names_the_file(tmp_path, monkeypatch):
         def flush(self):
             pass
 
-    monkeypatch.setattr(checkpoint_engine, "open", FullDisk, raising=False)
+    monkeypatch.setattr(safe_io, "open", FullDisk, raising=False)
     target = tmp_path / "x.pt"
     with pytest.raises(CheckpointWriteError, match=rf"could not write {target}: no space left on the device"):
-        checkpoint_engine.SafeCheckpointEngine().save({"w": torch.zeros(10)}, str(target))
+        safe_io.SafeCheckpointEngine().save({"w": torch.zeros(10)}, str(target))
 
 
 def test_publish_names_a_complete_checkpoint_and_staging_leftovers_are_removed(tmp_path):
-    from dsmoe.checkpoint import STAGING_PREFIX, complete_tag, publish, read_marker, remove_staging
+    from dsmoe.checkpoint.folder import STAGING_PREFIX, complete_tag, publish, read_marker, remove_staging
 
     root = tmp_path / "checkpoints"
     (root / f"{STAGING_PREFIX}step00000002").mkdir(parents=True)
@@ -460,11 +461,10 @@ def test_too_many_unusable_samples_stop_both_ranks_with_the_shards_named(damaged
     from launch import train_cmd
 
     port = free_port()
-    start = time.monotonic()
     proc = subprocess.run(train_cmd(damaged_demo, tmp_path / "run", port, "train.max_steps=20"), cwd=REPO_ROOT,
-                          env=launch_env(), capture_output=True, text=True, timeout=600)
+                          env=launch_env(), capture_output=True, text=True, timeout=180)  # no collective timeout
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and time.monotonic() - start < 120, out[-4000:]
+    assert proc.returncode != 0, out[-4000:]
     assert len(re.findall(r"rank \d error: 17 unusable samples in split 'train' \(5.90% of 288\), more than the "
                           r"limit of 2 \(data.max_bad_share / data.max_bad_count\)", out)) == 1, out[-4000:]
     assert "Traceback" not in out
@@ -512,7 +512,7 @@ def test_evaluating_a_checkpoint_with_a_planted_pickle_refuses_it(demo_assets, t
 
 
 def test_a_checkpoint_of_another_shape_is_explained_by_the_config_keys(tmp_path):
-    from dsmoe.checkpoint import mismatch_message
+    from dsmoe.checkpoint.folder import mismatch_message
 
     root = tmp_path / "checkpoints"
     (root / "step1").mkdir(parents=True)

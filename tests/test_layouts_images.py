@@ -164,8 +164,8 @@ def test_translations_in_each_format_are_merged_and_unmatched_reported(
 
 
 def test_multi30k_shards_read_back_through_the_pipeline(m30k_shards: Path, tmp_path: Path) -> None:
-    from dsmoe.data.pipeline import EvalImages, TrainStreamConfig, train_loader
-    from dsmoe.shards.format import sample_label
+    from dsmoe.data.pipeline import CaptionPairs, EvalImages, TrainStreamConfig, train_loader
+    from dsmoe.data.format import sample_label
     from dsmoe.data.text import CaptionEncoder
     from dsmoe.demo.models import train_tokenizer
 
@@ -175,12 +175,11 @@ def test_multi30k_shards_read_back_through_the_pipeline(m30k_shards: Path, tmp_p
     tokenizer = train_tokenizer(german + english, tmp_path / "tok")
     encoder = CaptionEncoder(tokenizer, 24)
     cfg = TrainStreamConfig(shard_dir=str(m30k_shards), split="train", image_size=(24, 32), micro_batch=2,
-                            batches_per_epoch=4, rank=0, world_size=1, seed=3, shuffle_buffer=4, augment=True,
-                            language="de")
+                            batches_per_epoch=4, rank=0, world_size=1, seed=3, shuffle_buffer=4, augment=True)
     norm = lambda text: re.sub(r"[^\w]", "", text.lower())  # noqa: E731
     labels = {sample_label(meta) for meta in metas.values()}
     for workers in (0, 2):
-        batches = list(train_loader(cfg, encoder, 0, 0, workers))
+        batches = list(train_loader(cfg, CaptionPairs(encoder, "de"), 0, 0, workers))
         assert len(batches) == 4
         for batch in batches:
             assert batch["image"].shape == (2, 3, 24, 32)

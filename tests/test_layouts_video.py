@@ -141,7 +141,7 @@ def test_msrvtt_1k_a_protocol(vtt: synth.SyntheticLayout, tmp_path: Path, capsys
 
 
 def test_video_shards_read_back_through_the_pipeline(vtt_shards: Path, tmp_path: Path) -> None:
-    from dsmoe.data.pipeline import EvalImages, TrainStreamConfig, train_loader
+    from dsmoe.data.pipeline import CaptionPairs, EvalImages, TrainStreamConfig, train_loader
     from dsmoe.data.text import CaptionEncoder
     from dsmoe.demo.models import train_tokenizer
 
@@ -149,8 +149,8 @@ def test_video_shards_read_back_through_the_pipeline(vtt_shards: Path, tmp_path:
     chinese = [c for parts in groups.values() for c in json.loads(parts["json"])["captions"]["zh"]]
     tokenizer = train_tokenizer(chinese, tmp_path / "tok")
     cfg = TrainStreamConfig(shard_dir=str(vtt_shards), split="train", image_size=(16, 16), micro_batch=2,
-                            batches_per_epoch=3, rank=0, world_size=1, seed=1, shuffle_buffer=2, language="zh")
-    batches = list(train_loader(cfg, CaptionEncoder(tokenizer, 16), 0, 0, 0))
+                            batches_per_epoch=3, rank=0, world_size=1, seed=1, shuffle_buffer=2)
+    batches = list(train_loader(cfg, CaptionPairs(CaptionEncoder(tokenizer, 16), "zh"), 0, 0, 0))
     # The training reader stacks a video's frames (json "frames": 5, members frame00.jpg ... frame04.jpg).
     assert len(batches) == 3 and all(b["image"].shape == (2, 5, 3, 16, 16) for b in batches)
     decoded = {t.replace(" ", "") for b in batches for t in tokenizer.batch_decode(b["text"], skip_special_tokens=True)}

@@ -467,7 +467,7 @@ def _tag(root, name, complete=True):
 
 
 def test_complete_tag_follows_only_complete_checkpoints(tmp_path):
-    from dsmoe.checkpoint import complete_tag
+    from dsmoe.checkpoint.folder import complete_tag
 
     assert complete_tag(tmp_path) is None
     _tag(tmp_path, "step00000010")
@@ -482,7 +482,7 @@ def test_complete_tag_follows_only_complete_checkpoints(tmp_path):
 
 
 def test_resolve_checkpoint_accepts_run_checkpoints_and_tag_dirs(tmp_path):
-    from dsmoe.checkpoint import resolve_checkpoint
+    from dsmoe.checkpoint.folder import resolve_checkpoint
 
     run = tmp_path / "run"
     ckpts = run / "checkpoints"

@@ -13,9 +13,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from dsmoe.data.pipeline import (EvalImages, TrainStream, TrainStreamConfig, batches_per_epoch, eval_loader,
-                                 train_loader)
-from dsmoe.shards.format import read_split
+from dsmoe.data.pipeline import (CaptionPairs, EvalImages, TrainStream, TrainStreamConfig, batches_per_epoch,
+                                 eval_loader, train_loader)
+from dsmoe.data.format import read_split
 from dsmoe.shards.layouts.person import read_person_layout
 from dsmoe.shards.writer import write_shards
 from dsmoe.demo.people import make_synthetic_pedes
@@ -69,8 +69,8 @@ def _stream(shard_dir: str, *, rank: int = 0, world: int = 2, micro: int = 2, ba
 
 
 def _take(cfg: TrainStreamConfig, encoder: CaptionEncoder, *, epoch: int = 0, start: int = 0,
-          workers: int = 0) -> list[dict]:
-    return list(train_loader(cfg, encoder, epoch, start, workers))
+          workers: int = 0, corruption: float = 0.0) -> list[dict]:
+    return list(train_loader(cfg, CaptionPairs(encoder, corruption=corruption), epoch, start, workers))
 
 
 def _pairs(batches: list[dict]) -> list[tuple]:
@@ -252,9 +252,9 @@ def test_every_rank_yields_the_same_number_of_batches(shard_dir, encoder, split,
 
 @pytest.mark.parametrize("workers,start", [(0, 1), (0, 4), (1, 3), (2, 2), (2, 3)])
 def test_resume_continues_on_the_same_batches(shard_dir, encoder, workers, start):
-    cfg = _stream(shard_dir, rank=1, micro=2, batches=7, corruption=0.3)
-    fresh = _take(cfg, encoder, workers=workers)
-    resumed = _take(cfg, encoder, start=start, workers=workers)
+    cfg = _stream(shard_dir, rank=1, micro=2, batches=7)
+    fresh = _take(cfg, encoder, workers=workers, corruption=0.3)
+    resumed = _take(cfg, encoder, start=start, workers=workers, corruption=0.3)
     assert len(fresh) == 7 and len(resumed) == 7 - start
     for i, (a, b) in enumerate(zip(fresh[start:], resumed)):
         for key in ("pid", "text", "eot", "image", "erase"):
@@ -285,7 +285,7 @@ class _CountedFile:
 def test_a_resumed_stream_seeks_over_the_images_it_skips(encoder, tmp_path, monkeypatch):
     from contextlib import contextmanager
 
-    from dsmoe.shards import location
+    from dsmoe.data import location
 
     raw = make_synthetic_pedes(tmp_path / "raw", num_ids={"train": 6}, images_per_id=2, image_size=(256, 128))
     write_shards(read_person_layout("cuhk-pedes", raw), tmp_path / "shards", dataset="cuhk-pedes",
@@ -302,9 +302,9 @@ def test_a_resumed_stream_seeks_over_the_images_it_skips(encoder, tmp_path, monk
     monkeypatch.setattr(location, "open_random", lambda *a, **kw: _CountedFile(random_access(*a, **kw), counter))
     cfg = TrainStreamConfig(shard_dir=str(tmp_path / "shards"), split="train", image_size=(64, 32), micro_batch=2,
                             batches_per_epoch=12, rank=0, world_size=1, seed=3, shuffle_buffer=3)
-    fresh = list(TrainStream(cfg, encoder, epoch=0))
+    fresh = list(TrainStream(cfg, CaptionPairs(encoder), epoch=0))
     read_fresh, counter[0] = counter[0], 0
-    resumed = list(TrainStream(cfg, encoder, epoch=0, start_batch=10))
+    resumed = list(TrainStream(cfg, CaptionPairs(encoder), epoch=0, start_batch=10))
     for a, b in zip(fresh[10:], resumed, strict=True):
         for key in ("pid", "text", "image", "erase"):
             assert torch.equal(a[key], b[key])
@@ -329,8 +329,8 @@ def test_a_stream_resumed_from_its_cursors_continues_on_the_same_batches(shard_d
     seen entering its shard at the saved sample and byte, replaying nothing."""
     from dsmoe.data import slot_stream
 
-    cfg = _stream(shard_dir, rank=1, micro=2, batches=9, corruption=0.3)
-    fresh = _take(cfg, encoder, workers=workers)
+    cfg = _stream(shard_dir, rank=1, micro=2, batches=9)
+    fresh = _take(cfg, encoder, workers=workers, corruption=0.3)
     assert all(b["cursor"].state is not None for b in fresh)
     opened = []
     real = slot_stream.shard_samples
@@ -344,7 +344,7 @@ def test_a_stream_resumed_from_its_cursors_continues_on_the_same_batches(shard_d
     for start in range(1, 9):
         cursors = _saved_cursors(fresh[:start])
         opened.clear()
-        resumed = list(train_loader(cfg, encoder, 0, start, workers, cursors=cursors))
+        resumed = list(train_loader(cfg, CaptionPairs(encoder, corruption=0.3), 0, start, workers, cursors=cursors))
         assert len(resumed) == 9 - start
         for i, (a, b) in enumerate(zip(fresh[start:], resumed)):
             for key in ("pid", "text", "eot", "image", "erase"):
@@ -363,7 +363,7 @@ def test_a_cursor_saved_under_other_settings_is_not_used(shard_dir, encoder):
     saved = _take(_stream(shard_dir, rank=1, micro=2, batches=6), encoder)
     other = _stream(shard_dir, rank=1, micro=2, batches=6, shuffle_buffer=5)
     fresh = _take(other, encoder)
-    resumed = list(train_loader(other, encoder, 0, 3, 0, cursors=_saved_cursors(saved[:3])))
+    resumed = list(train_loader(other, CaptionPairs(encoder), 0, 3, 0, cursors=_saved_cursors(saved[:3])))
     assert _pairs(resumed) == _pairs(fresh[3:]) != _pairs(saved[3:])
 
 
@@ -373,15 +373,15 @@ def test_a_cursor_that_no_longer_reads_falls_back_to_replaying(shard_dir, encode
     cursors = _saved_cursors(fresh[:3])
     codes = cursors[1]["stream"]["buffer"]
     codes[2] += 512  # the first buffered pair's sample as if the shard had changed: no sample begins there
-    resumed = list(train_loader(cfg, encoder, 0, 3, 0, cursors=cursors))
+    resumed = list(train_loader(cfg, CaptionPairs(encoder), 0, 3, 0, cursors=cursors))
     assert _pairs(resumed) == _pairs(fresh[3:])
     assert "data slot 1: its saved place does not read (UnscannableTar" in capfd.readouterr().err
 
 
 def test_resume_past_the_end_yields_nothing(shard_dir, encoder):
     cfg = _stream(shard_dir, batches=3)
-    assert list(TrainStream(cfg, encoder, epoch=0, start_batch=3)) == []
-    assert list(TrainStream(cfg, encoder, epoch=0, start_batch=10)) == []
+    assert list(TrainStream(cfg, CaptionPairs(encoder), epoch=0, start_batch=3)) == []
+    assert list(TrainStream(cfg, CaptionPairs(encoder), epoch=0, start_batch=10)) == []
 
 
 def test_stream_is_deterministic_and_epochs_differ(shard_dir, encoder):
@@ -530,9 +530,9 @@ def test_the_scanning_reader_gives_what_tarfile_gives_even_for_foreign_or_cut_ta
 
     from dsmoe.data import shard_reader
     from dsmoe.data.shard_reader import MediaRef, load_media, shard_samples
-    from dsmoe.shards.format import ShardEntry
-    from dsmoe.shards.location import DEFAULT_READS
-    from dsmoe.shards.tar import UnscannableTar
+    from dsmoe.data.format import ShardEntry
+    from dsmoe.data.location import DEFAULT_READS
+    from dsmoe.data.tar import UnscannableTar
 
     original = read_split(shard_dir, "train").shards[0]
     foreign = tmp_path / "foreign.tar"

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsmoe.data.faults import SampleFault
-from dsmoe.data.pipeline import EvalImages, TrainStream, TrainStreamConfig
+from dsmoe.data.bad_samples import SampleFault
+from dsmoe.data.pipeline import CaptionPairs, EvalImages, TrainStream, TrainStreamConfig
 from dsmoe.data.shard_reader import shard_samples
 from dsmoe.demo.people import make_synthetic_pedes
-from dsmoe.shards import location
+from dsmoe.data import location
 from dsmoe.launcher import free_port
-from dsmoe.shards.format import ManifestError, read_split
-from dsmoe.shards.location import RemoteReads
+from dsmoe.data.format import ManifestError, read_split
+from dsmoe.data.location import RemoteReads
 from dsmoe.shards.layouts.person import read_person_layout
 from dsmoe.shards.writer import write_shards
 from launch import REPO_ROOT
@@ -53,8 +53,8 @@ def _same_data(local: str, remote: str, encoder) -> None:
     here, there = read_split(local, "train"), read_split(remote, "train")
     assert there.shards == [location.child(remote, location.file_name(p)) for p in here.shards]
     assert (there.samples, there.captions, there.shard_samples) == (12, 24, [4, 4, 4])
-    fresh = list(TrainStream(_stream(local), encoder, epoch=1))
-    streamed = list(TrainStream(_stream(remote), encoder, epoch=1))
+    fresh = list(TrainStream(_stream(local), CaptionPairs(encoder), epoch=1))
+    streamed = list(TrainStream(_stream(remote), CaptionPairs(encoder), epoch=1))
     for near, far in zip(fresh, streamed, strict=True):
         for key in ("pid", "text", "image", "erase"):
             assert torch.equal(near[key], far[key])
@@ -64,8 +64,8 @@ def _same_data(local: str, remote: str, encoder) -> None:
     saved = fresh[4]["cursor"]  # saved reading local shards: it names shards, not where they are
     remote_cursors = {saved.slot: None if location.is_pipe(remote) else saved.state}
     for cursors in (remote_cursors, {}):
-        for before, far in zip(fresh[5:], TrainStream(_stream(remote), encoder, epoch=1, start_batch=5,
-                                                      cursors=cursors), strict=True):
+        resumed = TrainStream(_stream(remote), CaptionPairs(encoder), epoch=1, start_batch=5, cursors=cursors)
+        for before, far in zip(fresh[5:], resumed, strict=True):
             assert torch.equal(before["image"], far["image"]) and torch.equal(before["text"], far["text"])
     here = [(s.index, s.key, torch.equal(s.image, t.image)) for s, t in
             zip(EvalImages(local, "test", (64, 32), 0, 1), EvalImages(remote, "test", (64, 32), 0, 1), strict=True)]

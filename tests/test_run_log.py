@@ -160,7 +160,7 @@ def test_run_demo_passes_launcher_options_and_picks_a_free_port(tmp_path):
 def test_a_folder_of_stage_runs_says_which_runs_it_holds(tmp_path):
     import json
 
-    from dsmoe.checkpoint import STAGING_PREFIX, check_checkpoint, publish
+    from dsmoe.checkpoint.folder import STAGING_PREFIX, check_checkpoint, publish
 
     with pytest.raises(FileNotFoundError, match="no complete checkpoint") as empty:
         check_checkpoint(tmp_path)
@@ -176,7 +176,7 @@ def test_a_folder_of_stage_runs_says_which_runs_it_holds(tmp_path):
 
 
 def test_config_changes_leave_out_run_control_and_equal_paths(tmp_path, monkeypatch):
-    from dsmoe.provenance import config_changes
+    from dsmoe.checkpoint.folder import config_changes
 
     monkeypatch.chdir(tmp_path)
     saved = {"optim": {"lr": 0.003, "betas": [0.9, 0.999]}, "train": {"max_steps": 4, "output_dir": "runs/a"},
@@ -210,7 +210,7 @@ def test_a_long_phase_reports_start_progress_and_end_in_a_log():
 def test_pruning_keeps_as_many_folders_as_asked_pointers_first(tmp_path):
     import json
 
-    from dsmoe.checkpoint import STAGING_PREFIX, prune, publish, write_pointer
+    from dsmoe.checkpoint.folder import STAGING_PREFIX, prune, publish, write_pointer
 
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6, 8):

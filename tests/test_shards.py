@@ -19,7 +19,7 @@ from dsmoe.shards.layouts.person import read_person_layout
 from dsmoe.shards.records import RawRecord
 from dsmoe.shards import cli as shards_cli
 from dsmoe.shards.plan import JOURNAL_NAME, REASON_DUPLICATE, REASON_EMPTY_CAPTIONS, REASON_UNKNOWN_SPLIT
-from dsmoe.shards.format import read_split
+from dsmoe.data.format import read_split
 from dsmoe.shards.records import ShardWriteError
 from dsmoe.shards.verify import verify_shards
 from dsmoe.shards.workers import REASON_IMAGE_MISSING, REASON_IMAGE_UNREADABLE

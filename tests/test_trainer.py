@@ -7,7 +7,7 @@ import os
 import shutil
 import signal
 
-from dsmoe.checkpoint import STAGING_PREFIX, complete_tag
+from dsmoe.checkpoint.folder import STAGING_PREFIX, complete_tag
 from trainers import losses, make_trainer, records
 
 
@@ -154,7 +154,7 @@ def test_a_log_file_shows_a_progress_line_at_every_logged_step(demo_assets, dist
 
 
 def test_a_crash_resumed_run_logs_each_step_once(demo_assets, dist_env, signals, tmp_path):
-    from dsmoe import checkpoint as checkpoints
+    from dsmoe.checkpoint import folder as checkpoints
 
     run = tmp_path / "run"
     make_trainer(demo_assets, run, "train.max_steps=5", "train.checkpoint_every=2").train()

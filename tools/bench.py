@@ -32,12 +32,9 @@ import sys
 import time
 from pathlib import Path
 
+import checkout  # noqa: E402,F401  (dsmoe importable from a checkout)
+
 TOOLS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TOOLS))
-try:
-    import dsmoe  # noqa: F401
-except ImportError:  # run from a checkout
-    sys.path.insert(0, str(TOOLS.parent))
 
 from benchmarks import measure  # noqa: E402
 from dsmoe.launcher import available_cores  # noqa: E402
@@ -282,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     repeats = args.repeat or (1 if args.quick else 3)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    figures: dict = {"machine": machine(), "quick": args.quick, "repeats": repeats, "threads": args.threads}
+    figures: dict = {"command": "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                     "date": time.strftime("%Y-%m-%d"), "machine": machine(), "quick": args.quick,
+                     "repeats": repeats, "threads": args.threads}
     print(f"machine: {figures['machine']['cpu']}, {figures['machine']['cores']} cores, load "
           f"{figures['machine']['load_1min_at_start']}; {repeats} interleaved repeats"
           + (" (quick: CI-sized inputs, targets not meaningful)" if args.quick else ""))

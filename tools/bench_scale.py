@@ -31,12 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+import checkout  # noqa: E402,F401  (dsmoe importable from a checkout)
+
 TOOLS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TOOLS))
-try:
-    import dsmoe  # noqa: F401
-except ImportError:  # run from a checkout
-    sys.path.insert(0, str(TOOLS.parent))
 
 from bench import Table, machine, write_figures  # noqa: E402
 
@@ -134,7 +131,7 @@ def resume_startup(shards: str, clip: Path, fractions=(0.0, 0.1, 0.9)) -> dict:
     """Seconds to the first batch of rank 0's stream resumed at each fraction of the epoch (one loader worker):
     ``replay`` without a saved cursor (the epoch's order replayed, images sought over), then ``cursor`` from the
     cursor that replayed stream's first batch carries, through JSON as a checkpoint keeps it."""
-    from dsmoe.data.pipeline import TrainStreamConfig, batches_per_epoch, train_loader
+    from dsmoe.data.pipeline import CaptionPairs, TrainStreamConfig, batches_per_epoch, train_loader
     from dsmoe.data.text import CaptionEncoder, load_tokenizer
 
     batches = batches_per_epoch(shards, "train", 32)
@@ -145,12 +142,12 @@ def resume_startup(shards: str, clip: Path, fractions=(0.0, 0.1, 0.9)) -> dict:
     for fraction in fractions:
         start_batch = min(int(batches * fraction), batches - 2)  # the cursor's batch (the next) is in the epoch
         start = time.perf_counter()
-        first = next(iter(train_loader(cfg, encoder, 0, start_batch, workers=1)))
+        first = next(iter(train_loader(cfg, CaptionPairs(encoder), 0, start_batch, workers=1)))
         out["replay"][f"{fraction:.0%}"] = time.perf_counter() - start
         saved = first["cursor"]
         cursors = {saved.slot: json.loads(json.dumps(saved.state, default=list))}
         start = time.perf_counter()
-        next(iter(train_loader(cfg, encoder, 0, start_batch + 1, workers=1, cursors=cursors)))
+        next(iter(train_loader(cfg, CaptionPairs(encoder), 0, start_batch + 1, workers=1, cursors=cursors)))
         out["cursor"][f"{fraction:.0%}"] = time.perf_counter() - start
     return out
 

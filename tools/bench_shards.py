@@ -31,10 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import dsmoe  # noqa: F401
-except ImportError:  # run as a script from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkout  # noqa: F401  (dsmoe importable from a checkout)
 
 from dsmoe.shards.layouts.person import read_person_layout  # noqa: E402
 from dsmoe.shards.writer import write_shards  # noqa: E402
@@ -171,7 +168,7 @@ def read_throughput(shard_dir: Path, size: tuple[int, int], captions: list[str],
     augments its image, a sample has ``per_sample`` captions."""
     import torch
 
-    from dsmoe.data.pipeline import TrainStreamConfig, train_loader
+    from dsmoe.data.pipeline import CaptionPairs, TrainStreamConfig, train_loader
     from dsmoe.data.text import CaptionEncoder
     from dsmoe.demo.models import train_tokenizer
 
@@ -184,7 +181,7 @@ def read_throughput(shard_dir: Path, size: tuple[int, int], captions: list[str],
                             batches_per_epoch=batches, rank=0, world_size=1, seed=0, shuffle_buffer=1000,
                             augment=True)
     start = time.perf_counter()
-    pairs = sum(len(b["pid"]) for b in train_loader(cfg, encoder, 0, 0, workers))
+    pairs = sum(len(b["pid"]) for b in train_loader(cfg, CaptionPairs(encoder), 0, 0, workers))
     wall = time.perf_counter() - start
     torch.set_num_threads(threads)
     return pairs / wall / per_sample, pairs / wall

@@ -20,17 +20,13 @@ import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
-try:
-    import dsmoe  # noqa: F401
-except ImportError:  # run as a script from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkout  # noqa: F401  (dsmoe importable from a checkout)
 
 import torch  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
-from dsmoe import distributed  # noqa: E402
+from dsmoe.distributed import process_group  # noqa: E402
 from dsmoe.backbones.clip import FrozenCLIP, load_clip, random_vit_b16_clip  # noqa: E402
 from dsmoe.config import DEFAULT_DEMO_CONFIG, ConfigError, RunConfig, load_config  # noqa: E402
 from dsmoe.ds_config import DEFAULT, DeviceSupport, compose_ds_config, load_ds_config  # noqa: E402
@@ -88,7 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rank, world, local_rank = distributed.init_distributed(cfg.train.collective_timeout, cfg.train.threads_per_rank)
+    with process_group(cfg.train.collective_timeout, cfg.train.threads_per_rank) as (rank, world, local_rank):
+        measure(args, cfg, ds, rank, world, local_rank)
+    return 0
+
+
+def measure(args: argparse.Namespace, cfg: RunConfig, ds: dict, rank: int, world: int, local_rank: int) -> None:
+    """Time ``args.steps`` steps after ``args.warmup`` and print rank 0's figures."""
     device = device_for(local_rank)
     torch.manual_seed(cfg.train.seed)
     clip = random_vit_b16_clip() if args.clip == RANDOM_VIT_B16 else load_clip(args.clip)
@@ -119,8 +121,6 @@ def main(argv: list[str] | None = None) -> int:
             "threads_per_rank": torch.get_num_threads(),
             "steps": args.steps, "step_s_median": round(step_s, 4), "step_s_max": round(max(times), 4),
             "pairs_per_s": round(args.batch * world / step_s, 2), **peak_memory(device)}), flush=True)
-    distributed.shutdown()
-    return 0
 
 
 if __name__ == "__main__":

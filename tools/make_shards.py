@@ -5,12 +5,8 @@ package); this script runs it from a checkout. Exit status: 0 on success, 1 when
 user error or a failed write, 130 when interrupted.
 """
 import sys
-from pathlib import Path
 
-try:
-    import dsmoe  # noqa: F401
-except ImportError:  # run as a script from a checkout: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkout  # noqa: F401  (dsmoe importable from a checkout)
 
 from dsmoe.shards.cli import main  # noqa: E402
 

@@ -7,11 +7,11 @@ buffer, and yields a fixed number of batches per epoch, so every rank takes the 
 on the same data: from the cursor its checkpoint saved (``dsmoe.data.slot_stream``; nothing before it is read
 again) or, without a usable one, by replaying the batches it already took without their images (it reads the tar
 headers and captions and seeks over the media, read later only for pairs still in the shuffle buffer).
-Shards are local files, URLs or pipe: commands (``dsmoe.shards.location``), read by ``dsmoe.data.shard_reader``.
+Shards are local files, URLs or pipe: commands (``dsmoe.data.location``), read by ``dsmoe.data.shard_reader``.
 
 Evaluation: every image and caption of a split is read exactly once across all ranks.
 
-Unusable samples (see ``dsmoe.data.faults``) are skipped and travel with the batches as ``faults`` for the loop to
+Unusable samples (see ``dsmoe.data.bad_samples``) are skipped and travel with the batches as ``faults`` for the loop to
 count. An image that does not decode is replaced by the next pair of the stream; its key goes into the known-bad
 set that a resumed stream skips without decoding, so it replays exactly the batches the interrupted run took.
 """
@@ -28,13 +28,13 @@ from typing import Iterator, NamedTuple
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dsmoe.data.faults import SampleError, SampleFault
+from dsmoe.data.bad_samples import SampleError, SampleFault
 from dsmoe.data.shard_reader import load_media, sample_at, shard_samples
-from dsmoe.data.slot_stream import CODE, Pair, SlotStream, seeded
-from dsmoe.shards import location
-from dsmoe.shards.location import DEFAULT_READS, RemoteReads
-from dsmoe.shards.tar import UnscannableTar
-from dsmoe.shards.format import SOURCE_LANGUAGE, frame_member, read_split, sample_label
+from dsmoe.data.slot_stream import CODE, Pair, SlotPlan, SlotStream, seeded
+from dsmoe.data import location
+from dsmoe.data.location import DEFAULT_READS, RemoteReads
+from dsmoe.data.tar import UnscannableTar
+from dsmoe.data.format import SOURCE_LANGUAGE, frame_member, read_split, sample_label
 from dsmoe.data.text import CaptionEncoder
 from dsmoe.data.transforms import NO_ERASE, decode_rgb, eval_transform, train_transform
 
@@ -98,8 +98,6 @@ class TrainStreamConfig:
     shuffle_buffer: int = 2000
     augment: bool = True
     erasing_p: float = 0.5
-    corruption: float = 0.0
-    language: str = SOURCE_LANGUAGE
     load_images: bool = True
     reads: RemoteReads = field(default_factory=RemoteReads)
     checksums: bool = True
@@ -149,7 +147,7 @@ class TrainStream(IterableDataset):
     """Micro-batches for one rank and one epoch, starting after ``start_batch`` already-taken batches.
 
     ``texts`` turns a sample's captions into training pairs and a batch of pairs into tensors (``CaptionPairs``
-    for DM-Adapter, ``TranslationPairs`` for DASD; a bare ``CaptionEncoder`` means ``CaptionPairs``).
+    for DM-Adapter, ``TranslationPairs`` for DASD).
     ``known_bad``: identities of samples found unusable so far (``FaultLog.known_bad``).
     ``cursors``: slot -> the ``DataCursor.state`` of the slot's last batch before ``start_batch``, as a checkpoint
     keeps them; a slot without a usable one replays its epoch up to ``start_batch``.
@@ -159,24 +157,20 @@ class TrainStream(IterableDataset):
     def __init__(self, cfg: TrainStreamConfig, texts, epoch: int, start_batch: int = 0,
                  known_bad: frozenset[str] = frozenset(), cursors: dict[int, dict] | None = None):
         super().__init__()
-        if isinstance(texts, CaptionEncoder):
-            texts = CaptionPairs(texts, cfg.language, cfg.corruption)
         self.cfg, self.texts, self.epoch, self.start_batch = cfg, texts, epoch, start_batch
         self.info = read_split(cfg.shard_dir, cfg.split, reads=cfg.reads)
         self._rows = {location.file_name(address): row for row, address in enumerate(self.info.shards)}
-        self.known_bad = set(known_bad)
+        self.known_bad_keys = set(known_bad)
         self.cursors = cursors or {}
-        self.faults: list[SampleFault] = []  # found since the last batch was yielded
-        self.skipping = False  # taking the batches a resumed run already trained on: media are not read
+        self.faults: list[SampleFault] = []  # images that did not decode since the last batch was yielded
         self._files: dict = {}  # shards opened to read media skipped over (load_media)
 
+    def known_bad(self, key: str) -> bool:
+        return key in self.known_bad_keys
+
     def sample_pairs(self, sample: dict, position: int) -> list[Pair]:
-        """The training pairs of one raw sample; none (and a fault) when it is unusable."""
-        try:
-            meta, media = sample_content(sample, self.cfg.load_images)
-        except SampleError as exc:
-            self.faults.append(SampleFault(sample["__shard__"], position, str(exc), sample["__key__"]))
-            return []
+        """The training pairs of one raw sample; ``SampleError`` when it is unusable."""
+        meta, media = sample_content(sample, self.cfg.load_images)
         label, key, shard = sample_label(meta), sample["__key__"], sample["__shard__"]
         row, start = self._rows[shard], sample["__start__"]
         if start is None:  # no byte to read the sample from again
@@ -223,31 +217,35 @@ class TrainStream(IterableDataset):
             if saved is not None and saved["identity"] == identity and saved["batches"] == taken:
                 pairs = self._restored(slot, slots, saved["stream"])
             if pairs is None:
-                pairs = SlotStream(self, slot, slots)
-                self.skipping = True
+                pairs = SlotStream(self, self._plan(), slot, slots, replaying=True)
                 for _ in range(taken):  # the batches already taken, without reading or decoding any image
                     self._take(pairs, decode=False)
-                self.skipping = False
+                pairs.replaying = False
             while taken < len(mine):
                 batch = self._collate(*self._take(pairs, decode=cfg.load_images))
                 taken += 1
                 place = pairs.cursor()
                 batch["cursor"] = DataCursor(slot, None if place is None else
                                              {"identity": identity, "batches": taken, "stream": place})
-                batch["faults"] = list(self.faults)
-                self.faults.clear()  # in place: an open shard reader appends its end-of-shard faults to this list
+                batch["faults"] = pairs.faults + self.faults
+                pairs.faults.clear()  # in place: an open shard reader appends its end-of-shard faults to this list
+                self.faults.clear()
                 yield batch
         finally:
             for f in self._files.values():
                 f.close()
             self._files.clear()
 
+    def _plan(self) -> SlotPlan:
+        cfg = self.cfg
+        return SlotPlan(self.info.entries, cfg.seed, self.epoch, cfg.shuffle_buffer, cfg.reads, cfg.checksums,
+                        cfg.shard_dir)
+
     def _restored(self, slot: int, slots: int, cursor: dict) -> SlotStream | None:
         try:
-            return SlotStream(self, slot, slots, cursor)
+            return SlotStream(self, self._plan(), slot, slots, cursor)
         except (UnscannableTar, OSError, EOFError, IndexError, KeyError, TypeError, ValueError) as exc:  # the shards
             # changed since it was saved, or the cursor is not one
-            self.faults.clear()
             print(f"[dsmoe] data slot {slot}: its saved place does not read ({type(exc).__name__}: {exc}); "
                   f"replaying the epoch's order up to it instead", file=sys.stderr, flush=True)
             return None
@@ -258,13 +256,13 @@ class TrainStream(IterableDataset):
         taken, images, boxes = [], [], []
         while len(taken) < self.cfg.micro_batch:
             pair = next(pairs)
-            if pair.key in self.known_bad:  # found undecodable earlier in this batch or a recent one
+            if pair.key in self.known_bad_keys:  # found undecodable earlier in this batch or a recent one
                 continue
             if decode:
                 try:
                     image, box = self._decode_pair(pair)
                 except Exception as exc:  # noqa: BLE001 - PIL raises many types for undecodable images
-                    self.known_bad.add(pair.key)
+                    self.known_bad_keys.add(pair.key)
                     self.faults.append(SampleFault(pair.shard, pair.position,
                                                    f"image does not decode ({type(exc).__name__}: {exc})", pair.key))
                     continue

@@ -1,7 +1,7 @@
 """One shard's samples, in order, from wherever it lives (a local path, URL or pipe: command:
-``dsmoe.shards.location``), from its start or from a sample whose byte offset is known.
+``dsmoe.data.location``), from its start or from a sample whose byte offset is known.
 
-dsmoe's shards are plain USTAR tars, read header by header (``dsmoe.shards.tar.scan_members``), which gives every
+dsmoe's shards are plain USTAR tars, read header by header (``dsmoe.data.tar.scan_members``), which gives every
 member's place in the file: a sample's media can be left where it is (``MediaRef``) and read later
 (``load_media``), and a reader can start again at the byte where a sample begins. Anything that is not a whole,
 well-formed USTAR tar is read through ``tarfile`` (webdataset's iterator) from its start instead, which decides
@@ -18,11 +18,11 @@ from typing import Callable, Iterator
 
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from dsmoe.data.faults import SampleFault
-from dsmoe.shards import location
-from dsmoe.shards.format import ShardEntry
-from dsmoe.shards.location import DEFAULT_READS, RemoteReads
-from dsmoe.shards.tar import TAR_BLOCK, UnscannableTar, scan_members
+from dsmoe.data.bad_samples import SampleFault
+from dsmoe.data import location
+from dsmoe.data.format import ShardEntry
+from dsmoe.data.location import DEFAULT_READS, RemoteReads
+from dsmoe.data.tar import TAR_BLOCK, UnscannableTar, scan_members
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import random
 from array import array
-from typing import TYPE_CHECKING, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
+from dsmoe.data.bad_samples import SampleError, SampleFault
+from dsmoe.data.format import ShardEntry
+from dsmoe.data.location import RemoteReads
 from dsmoe.data.shard_reader import MediaRef, shard_samples
-from dsmoe.shards.format import ShardEntry
 
 CODE = 4  # ints per pair in a cursor's arrays
-
-if TYPE_CHECKING:
-    from dsmoe.data.pipeline import TrainStream
 
 
 class Pair(NamedTuple):
@@ -45,12 +45,44 @@ def seeded(*parts) -> random.Random:
     return random.Random("/".join(str(p) for p in parts))
 
 
-class SlotStream:
-    """The pairs of data slot ``slot`` of ``slots`` for ``owner``'s epoch (``owner``: the ``TrainStream`` whose
-    settings, samples-to-pairs rule, known-bad keys and fault list it uses), from the start or from a ``cursor``."""
+@dataclass(frozen=True)
+class SlotPlan:
+    """What fixes a slot's pairs: the split's shards, the seed and epoch, the shuffle buffer, and how shards are
+    read."""
 
-    def __init__(self, owner: TrainStream, slot: int, slots: int, cursor: dict | None = None):
-        self.owner, self.slot, self.slots = owner, slot, slots
+    shards: list[ShardEntry]
+    seed: int
+    epoch: int
+    shuffle_buffer: int
+    reads: RemoteReads
+    checksums: bool
+    where: str  # the shards' location, for messages
+
+
+class PairSource(Protocol):
+    """What a slot's stream asks of the reader that owns it (``dsmoe.data.pipeline.TrainStream``)."""
+
+    def sample_pairs(self, sample: dict, position: int) -> list[Pair]:
+        """The training pairs of one raw sample; ``SampleError`` when it is unusable."""
+
+    def pairs_at(self, codes) -> list[Pair]:
+        """The pairs of a cursor's ``Pair.code``s (flat), their samples read again from the shards."""
+
+    def known_bad(self, key: str) -> bool:
+        """Whether the sample ``key`` was found unusable (its pairs are left out)."""
+
+
+class SlotStream:
+    """The pairs of data slot ``slot`` of ``slots`` under ``plan``, from the start or from a ``cursor``; samples
+    become pairs through ``source``. Unusable samples collect in ``faults`` for the owner to take.
+    While ``replaying`` (set by the owner, taking batches a resumed run already trained on), media are not read and
+    no cursor is kept."""
+
+    def __init__(self, source: PairSource, plan: SlotPlan, slot: int, slots: int, cursor: dict | None = None,
+                 replaying: bool = False):
+        self.source, self.plan, self.slot, self.slots = source, plan, slot, slots
+        self.replaying = replaying
+        self.faults: list[SampleFault] = []
         self.samples = None  # the open shard's (position, sample) iterator
         if cursor is None:
             self.empty_cycles = 0
@@ -59,16 +91,16 @@ class SlotStream:
             self._restore(cursor)
 
     def _begin_cycle(self, cycle: int) -> None:
-        cfg, info = self.owner.cfg, self.owner.info
+        plan = self.plan
         self.cycle = cycle
-        self.rng = seeded(cfg.seed, self.owner.epoch, self.slot, cycle, "buffer")
+        self.rng = seeded(plan.seed, plan.epoch, self.slot, cycle, "buffer")
         self.buffer: list[Pair] = []
         # the buffer's pairs' codes in buffer order; not kept while replaying batches already taken
-        self.codes: array | None = None if self.owner.skipping else array("q")
+        self.codes: array | None = None if self.replaying else array("q")
         self.drained: int | None = None  # once the cycle's shards are read: how much of the shuffled buffer is given
         self.usable = False
-        shards = list(info.entries)
-        seeded(cfg.seed, self.owner.epoch, cycle, "shards").shuffle(shards)
+        shards = list(plan.shards)
+        seeded(plan.seed, plan.epoch, cycle, "shards").shuffle(shards)
         if len(shards) >= self.slots:
             self.shards, self.keep = shards[self.slot::self.slots], None
         else:  # fewer shards than slots: every slot reads every shard, keeping every slots-th sample
@@ -81,8 +113,8 @@ class SlotStream:
 
     def __next__(self) -> Pair:
         """The next pair, leaving out those of samples known to be unusable."""
-        known_bad, codes = self.owner.known_bad, self.codes
-        if self.owner.skipping:  # no cursor is asked for until the replay ends
+        known_bad, codes = self.source.known_bad, self.codes
+        if self.replaying:  # no cursor is asked for until the replay ends
             codes = self.codes = None
         elif codes is None:
             codes = self.codes = array("q", [n for p in self.buffer for n in p.code])
@@ -98,7 +130,7 @@ class SlotStream:
                 self.buffer.append(pair)
                 if codes is not None:
                     codes.extend(pair.code)
-                if len(self.buffer) < self.owner.cfg.shuffle_buffer:
+                if len(self.buffer) < self.plan.shuffle_buffer:
                     continue
                 index = self.rng.randrange(len(self.buffer))
                 if codes is not None:
@@ -111,17 +143,17 @@ class SlotStream:
                 self._next_cycle()
                 codes = self.codes
                 continue
-            if pair.key not in known_bad:
+            if not known_bad(pair.key):
                 self.usable = True
                 return pair
 
     def _next_cycle(self) -> None:
         self.empty_cycles = 0 if self.usable else self.empty_cycles + 1
-        if self.empty_cycles > len(self.owner.info.shards):  # each cycle deals the shards anew: all had a chance
-            faults = self.owner.faults
+        if self.empty_cycles > len(self.plan.shards):  # each cycle deals the shards anew: all had a chance
+            faults = self.faults
             found = f" ({len(faults)} unusable samples, e.g. {faults[0]})" if faults else ""
             raise RuntimeError(f"data slot {self.slot} of {self.slots} received no usable samples from "
-                               f"{self.owner.cfg.shard_dir}{found}")
+                               f"{self.plan.where}{found}")
         self._begin_cycle(self.cycle + 1)
 
     def _read(self) -> Pair | None:
@@ -139,15 +171,17 @@ class SlotStream:
             position, sample = item
             self.position, self.offset = position + 1, sample["__end__"]
             if self._owns(position):
-                self.pending = self.owner.sample_pairs(sample, position)[::-1]
+                try:
+                    self.pending = self.source.sample_pairs(sample, position)[::-1]
+                except SampleError as exc:
+                    self.faults.append(SampleFault(sample["__shard__"], position, str(exc), sample["__key__"]))
         return self.pending.pop()
 
     def _open(self, shard: ShardEntry):
         self.base = sum(entry.samples for entry in self.shards[:self.shard])  # manifest index of its first sample
-        owner, cfg = self.owner, self.owner.cfg
-        skip_media = (lambda: owner.skipping) if owner.skipping else None
-        return shard_samples(shard, owner.faults, self._owns, skip_media, self.position, self.offset, cfg.reads,
-                             cfg.checksums)
+        skip_media = (lambda: self.replaying) if self.replaying else None
+        return shard_samples(shard, self.faults, self._owns, skip_media, self.position, self.offset,
+                             self.plan.reads, self.plan.checksums)
 
     def _owns(self, position: int) -> bool:
         """A broken shard does not shift the samples of the ones after it: ownership is by manifest index."""
@@ -174,6 +208,6 @@ class SlotStream:
         self.usable = cursor["usable"]
         self.shard, self.position, self.offset = cursor["shard"], cursor["position"], cursor["offset"]
         self.codes = array("q", cursor["buffer"])
-        self.buffer = self.owner.pairs_at(self.codes)
-        self.pending = self.owner.pairs_at(cursor["pending"])
+        self.buffer = self.source.pairs_at(self.codes)
+        self.pending = self.source.pairs_at(cursor["pending"])
         self.drained = 0 if cursor["draining"] else None

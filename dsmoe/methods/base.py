@@ -1,16 +1,41 @@
-"""What the training loop needs from a method (``Method``) and from the model it builds (``RetrievalModel``)."""
+"""What the training loop needs from a method (``Method``) and from the model it builds (``RetrievalModel``), and
+what a method sees of the evaluator (``SplitEvaluator``)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Protocol
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
 from dsmoe.config import RunConfig
-from dsmoe.shards.format import SOURCE_LANGUAGE
+from dsmoe.data.format import SOURCE_LANGUAGE
+from dsmoe.data.text import CaptionEncoder
 
-if TYPE_CHECKING:
-    from dsmoe.evaluation import Evaluator
+
+@dataclass
+class SplitFeatures:
+    """A split's images and one language's captions as the metrics take them: L2-normalised features in the model's
+    dtype on the evaluation device, in split order (captions in their sample's order), the same on every rank."""
+
+    images: torch.Tensor  # [N, D]
+    image_labels: torch.Tensor  # [N] person id, or image id for image-text data
+    texts: torch.Tensor  # [M, D]
+    text_labels: torch.Tensor  # [M] the label of the caption's image
+
+
+class SplitEvaluator(Protocol):
+    """What a method's ``evaluate`` uses of the evaluator (``dsmoe.evaluator.Evaluator``)."""
+
+    model: nn.Module  # the method's model (unwrapped)
+
+    @property
+    def sharing(self) -> dict:
+        """Keyword arguments of ``dsmoe.metrics``' ``*_from_features`` that share the blocks between ranks."""
+
+    def features(self, split: str, language: str, encode: Callable[[list[str]], dict],
+                 text_forward: Callable[[dict], torch.Tensor]) -> SplitFeatures:
+        """The split's image features and its ``language`` captions' features, on every rank."""
 
 
 class RetrievalModel(Protocol):
@@ -61,7 +86,7 @@ class Method:
         of tensors, that batch on the model's device -> [B, D] features)."""
         raise NotImplementedError
 
-    def evaluate(self, evaluator: Evaluator, split: str) -> dict:
+    def evaluate(self, evaluator: SplitEvaluator, split: str) -> dict:
         raise NotImplementedError
 
     def on_finish(self, model: nn.Module, run_dir, rank: int) -> None:
@@ -78,3 +103,13 @@ class Method:
     def scalars(out: dict) -> dict[str, float]:
         """Loss parts to log: the 0-d tensors of the forward's output."""
         return {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
+
+
+def caption_query_encoder(encoder: CaptionEncoder, encode_text: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                          ) -> tuple[Callable[[list[str]], dict], Callable[[dict], torch.Tensor]]:
+    """A ``Method.query_encoder`` for captions tokenised by ``encoder`` and encoded by ``encode_text(ids, eot)``."""
+    def encode(captions: list[str]) -> dict:
+        encoded = encoder.encode(captions)
+        return {"text": encoded.ids, "eot": encoded.eot}
+
+    return encode, lambda batch: encode_text(batch["text"], batch["eot"])

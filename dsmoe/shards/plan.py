@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dsmoe.shards.format import FORMAT_VERSION, KNOWN_SPLITS, sample_key
+from dsmoe.data.format import FORMAT_VERSION, KNOWN_SPLITS, sample_key
 from dsmoe.shards.records import RawRecord, ShardWriteError, caption_map
 from dsmoe.shards.tar import tar_bytes
 from dsmoe.shards.tasks import Candidate, PrepTask, Probe, Sample, SplitReport, Work, sample_bytes

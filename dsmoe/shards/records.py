@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsmoe.shards.format import SOURCE_LANGUAGE
+from dsmoe.data.format import SOURCE_LANGUAGE
 
 
 class RawFormatError(ValueError):

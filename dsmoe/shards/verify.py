@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dsmoe.shards.format import FRAME_EXT, MEMBER_NAME, SHARD_NAME, sample_key
+from dsmoe.data.format import FRAME_EXT, MEMBER_NAME, SHARD_NAME, sample_key
 from dsmoe.shards.tar import sha256_file
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from dsmoe.files import write_atomic
 from dsmoe.progress import Phase
-from dsmoe.shards.format import FORMAT_NAME, FORMAT_VERSION, KNOWN_SPLITS, SHARD_NAME, manifest_address, shard_name
+from dsmoe.data.format import FORMAT_NAME, FORMAT_VERSION, KNOWN_SPLITS, SHARD_NAME, manifest_address, shard_name
 from dsmoe.shards.plan import JOURNAL_NAME, accept, cut, plan_digest, prep_tasks, previous_shards, screen, split_report
 from dsmoe.shards.records import RawRecord, ShardWriteError, writing
 from dsmoe.shards.tar import tar_bytes

@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dsmoe import distributed  # noqa: E402
+from dsmoe import distributed, failures  # noqa: E402
 from dsmoe.data.pipeline import ignore_job_signals  # noqa: E402
-from dsmoe.faults import FaultWatch  # noqa: E402
+from dsmoe.failures import FaultWatch  # noqa: E402
 from dsmoe.preemption import PreemptionWatch  # noqa: E402
 
 
@@ -33,9 +33,17 @@ def main() -> None:
     parser.add_argument("--fail-rank", type=int, default=-1, help="the rank that raises (-1: none)")
     parser.add_argument("--other", choices=("busy", "collective"), default="collective",
                         help="what the other rank does meanwhile")
+    parser.add_argument("--marks", default=None, help="a folder where each rank notes that the fault watch ended it")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     rank, world_size, _ = distributed.init_distributed(timeout_s=300)
+    if args.marks:
+        leave = failures._leave
+
+        def noted(code: int):
+            (Path(args.marks) / f"rank{rank}").write_text(str(code))
+            leave(code)
+        failures._leave = noted
     PreemptionWatch()  # as in training: SIGTERM (the launcher's, once a rank failed) only sets a flag
     watch = FaultWatch(rank, world_size)
     try:

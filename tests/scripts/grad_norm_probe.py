@@ -19,7 +19,7 @@ from dsmoe import distributed  # noqa: E402
 from dsmoe.config import load_config  # noqa: E402
 from dsmoe.ds_config import CPU_ONLY, compose_ds_config, load_ds_config  # noqa: E402
 from dsmoe.optim import param_groups  # noqa: E402
-from dsmoe.methods import get_method  # noqa: E402
+from dsmoe.methods.registry import get_method  # noqa: E402
 
 
 def probe_config(clip_dir: str, ep_size: int):

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from dsmoe.methods import MethodSettings
+from dsmoe.methods.registry import MethodSettings
 from dsmoe.schema import ConfigError, at_least, location, positive, ranged
 
 if TYPE_CHECKING:
@@ -55,11 +55,6 @@ class DASDConfig(MethodSettings):
     discriminator_lr: float = positive(1.0e-4)
     logit_scale: float = positive(100.0)
     """InfoNCE scale of stage CMA."""
-
-    @staticmethod
-    def of(run: RunConfig) -> DASDConfig:
-        assert isinstance(run.method_config, DASDConfig), run.method
-        return run.method_config
 
     def validate(self, run: RunConfig) -> None:
         a = run.adapter

@@ -10,11 +10,11 @@ from dsmoe.config import RunConfig
 from dsmoe.data.pipeline import CaptionPairs, TranslationPairs
 from dsmoe.data.text import CaptionEncoder, load_tokenizer
 from dsmoe.losses import discriminator_loss, fool_discriminator
-from dsmoe.methods.base import Method
+from dsmoe.methods.base import Method, caption_query_encoder
 from dsmoe.methods.dasd.config import DASDConfig
 from dsmoe.methods.dasd.model import DASD, Discriminator, EnglishCLIP, load_embedding_table, mismatched
 from dsmoe.metrics import recall_metrics_from_features
-from dsmoe.shards.format import SOURCE_LANGUAGE
+from dsmoe.data.format import SOURCE_LANGUAGE
 
 
 def build_method(cfg: RunConfig) -> Method:
@@ -125,11 +125,7 @@ class EnglishFinetuneMethod(Method):
         return CaptionPairs(self.english, SOURCE_LANGUAGE)
 
     def query_encoder(self, model: EnglishCLIP, language: str):
-        def encode(captions: list[str]) -> dict:
-            encoded = self.english.encode(captions)
-            return {"text": encoded.ids, "eot": encoded.eot}
-
-        return encode, lambda b: model.encode_text(b["text"], b["eot"])
+        return caption_query_encoder(self.english, model.encode_text)
 
     def evaluate(self, evaluator, split: str) -> dict:
         report = recall_report(evaluator, split, SOURCE_LANGUAGE,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dsmoe.methods import MethodSettings
+from dsmoe.methods.registry import MethodSettings
 from dsmoe.schema import ConfigError, positive, ranged, share
 
 if TYPE_CHECKING:
@@ -23,11 +23,6 @@ class DMAdapterConfig(MethodSettings):
     """Weight of the load-balancing loss summed over layers."""
     caption_corruption: float = share(0.15, high_open=True)
     """Share of caption tokens corrupted for the SDM loss (80% mask, 10% random, 10% kept); 0 disables."""
-
-    @staticmethod
-    def of(run: RunConfig) -> DMAdapterConfig:
-        assert isinstance(run.method_config, DMAdapterConfig), run.method
-        return run.method_config
 
     def validate(self, run: RunConfig) -> None:
         if run.adapter.router == "language":

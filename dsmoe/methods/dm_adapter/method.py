@@ -13,11 +13,11 @@ from dsmoe.config import RunConfig
 from dsmoe.data.pipeline import CaptionPairs
 from dsmoe.data.text import CaptionEncoder, load_tokenizer
 from dsmoe.losses import sdm_loss
-from dsmoe.methods.base import Method
+from dsmoe.methods.base import Method, caption_query_encoder
 from dsmoe.methods.dm_adapter.config import DMAdapterConfig
 from dsmoe.metrics import rank_metrics_from_features
 from dsmoe.moe.adapter import AdapterBranch
-from dsmoe.shards.format import SOURCE_LANGUAGE
+from dsmoe.data.format import SOURCE_LANGUAGE
 
 
 class DMAdapter(nn.Module):
@@ -91,11 +91,7 @@ class DMAdapterMethod(Method):
         return CaptionPairs(self.captions, SOURCE_LANGUAGE, DMAdapterConfig.of(self.cfg).caption_corruption)
 
     def query_encoder(self, model: DMAdapter, language: str):
-        def encode(captions: list[str]) -> dict:
-            encoded = self.captions.encode(captions)
-            return {"text": encoded.ids, "eot": encoded.eot}
-
-        return encode, lambda b: model.encode_text(b["text"], b["eot"])
+        return caption_query_encoder(self.captions, model.encode_text)
 
     def evaluate(self, evaluator, split: str) -> dict:
         f = evaluator.features(split, SOURCE_LANGUAGE, *self.query_encoder(evaluator.model, SOURCE_LANGUAGE))

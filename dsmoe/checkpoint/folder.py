@@ -8,13 +8,14 @@ touches only the filesystem (no torch), so entry points can check paths before t
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
 
-from dsmoe.faults import RunError
+from dsmoe.failures import RunError
 from dsmoe.files import write_atomic
 
 STAGING_PREFIX = ".partial-"  # a folder being written; never a valid tag
@@ -144,6 +145,81 @@ def read_marker(root: Path, tag: str) -> dict:
         return json.loads((root / tag / "COMPLETE").read_text() or "{}")
     except (OSError, ValueError):
         return {}
+
+
+# Keys a resumed run may change without changing what is trained: how long, how often, where, how many ranks.
+RUN_CONTROL = ("demo", "demo_dir", "wandb.", "tensorboard.", "data.workers", "data.max_bad_share", "data.max_bad_count",
+               "data.remote.", "data.checksums",
+               "adapter.ep_size", "train.max_steps", "train.log_every", "train.checkpoint_every",
+               "train.keep_checkpoints", "train.eval_batch_size", "train.collective_timeout",
+               "train.threads_per_rank", "train.init_from", "train.eval_zero_shot", "train.output_dir")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _same(a, b) -> bool:
+    if a == b:
+        return True
+    # a relative path saved by an older run and its absolute form now
+    return isinstance(a, str) and isinstance(b, str) and Path(a).absolute() == Path(b).absolute()
+
+
+def config_changes(saved: dict, now: dict) -> list[str]:
+    """``key: saved -> now`` for every setting that differs, run-control keys (``RUN_CONTROL``) left out."""
+    before, after = _flat(saved), _flat(now)
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        if key.startswith(RUN_CONTROL) or key in RUN_CONTROL:
+            continue
+        if key in before and key in after and _same(before[key], after[key]):
+            continue
+        changes.append(f"{key}: {before.get(key, '(unset)')!r} -> {after.get(key, '(unset)')!r}")
+    return changes
+
+
+DATA_CURSORS = "data_cursors_rank{rank}.json"
+"""Each rank's file in a checkpoint folder: where each of its data slots' streams is (``dsmoe.data.slot_stream``),
+with the epoch, batch, loader workers and world size it was saved at, and a checksum of all that."""
+
+
+def write_data_cursors(folder: Path, rank: int, saved: dict) -> None:
+    """``saved``: {"epoch", "batch", "workers", "world_size", "cursors": {slot: state}} (int arrays as lists)."""
+    text = json.dumps({**saved, "sha256": _cursor_digest(saved)})
+    try:
+        (folder / DATA_CURSORS.format(rank=rank)).write_text(text)
+    except OSError as exc:
+        raise CheckpointWriteError(folder / DATA_CURSORS.format(rank=rank), exc) from None
+
+
+def read_data_cursors(folder: Path, rank: int) -> dict | None:
+    """What ``write_data_cursors`` wrote (None when the checkpoint has no such file); ``ValueError`` naming the file
+    when it does not read back (cut short, edited, or not one)."""
+    path = folder / DATA_CURSORS.format(rank=rank)
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        digest = saved.pop("sha256", None)
+        if digest != _cursor_digest(saved):
+            raise ValueError("its checksum does not match its content")
+        saved["cursors"] = {int(slot): state for slot, state in saved["cursors"].items()}
+        for key in ("epoch", "batch", "workers", "world_size"):
+            int(saved[key])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path} does not read ({type(exc).__name__}: {exc})") from None
+    return saved
+
+
+def _cursor_digest(saved: dict) -> str:
+    return hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()
 
 
 SHAPE_SECTIONS = ("model", "adapter", "dasd", "dm_adapter")  # config sections that can shape trainable tensors

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsmoe.shards.location import DEFAULT_READS, RemoteReads, UnsafeName, child, is_local, read_bytes
+from dsmoe.data.location import DEFAULT_READS, RemoteReads, UnsafeName, child, is_local, read_bytes
 
 FORMAT_NAME = "dsmoe-shards"
 FORMAT_VERSION = 1
@@ -64,7 +64,7 @@ class ManifestError(ValueError):
 class ShardEntry:
     """One shard as its split's manifest lists it."""
 
-    address: str  # a local path, a URL or a pipe: command (see dsmoe.shards.location)
+    address: str  # a local path, a URL or a pipe: command (see dsmoe.data.location)
     samples: int
     bytes: int | None = None  # None: not recorded
     sha256: str | None = None
@@ -88,14 +88,14 @@ class SplitInfo:
 
 
 def manifest_address(shard_dir: str | Path, split: str) -> str:
-    """Where ``split``'s manifest is: a path, a URL or a pipe: command (``dsmoe.shards.location``)."""
+    """Where ``split``'s manifest is: a path, a URL or a pipe: command (``dsmoe.data.location``)."""
     return child(shard_dir, f"{split}.manifest.json")
 
 
 def read_split(shard_dir: str | Path, split: str, language: str = SOURCE_LANGUAGE,
                reads: RemoteReads = DEFAULT_READS) -> SplitInfo:
     """The shards and counts of ``split`` from its manifest, read from ``shard_dir``: a directory, or a URL prefix
-    or pipe: command (``dsmoe.shards.location``), where the shards are too. ``ManifestError`` for a manifest that
+    or pipe: command (``dsmoe.data.location``), where the shards are too. ``ManifestError`` for a manifest that
     is not one (every shard name must be a plain file name)."""
     try:
         address = manifest_address(shard_dir, split)

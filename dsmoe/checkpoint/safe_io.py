@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from dsmoe.checkpoint import CheckpointWriteError, mismatch_message
+from dsmoe.checkpoint.folder import CheckpointWriteError, mismatch_message
 from dsmoe.config import RunConfig, to_dict
-from dsmoe.faults import RunError
+from dsmoe.failures import RunError
 
 
 def _safe_globals() -> list:

@@ -1,11 +1,9 @@
 """Evaluation: a split's images read once (whole shards per rank), its captions in one language encoded by every
 rank in lockstep, the features gathered to every rank in split order, and the metrics computed from them block by
-block with the blocks shared between ranks; the completeness of the split, results tables, and scoring a saved
-checkpoint."""
+block with the blocks shared between ranks; the completeness of the split, and results tables."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -13,25 +11,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dsmoe.config import RunConfig
-from dsmoe.data.faults import SampleFault, bad_sample_limit, summarize
+from dsmoe.methods.base import SplitFeatures
+from dsmoe.data.bad_samples import SampleFault, bad_sample_limit, summarize
 from dsmoe.data.pipeline import eval_loader
 from dsmoe.data.transforms import normalize
 from dsmoe.distributed import flag_tensor
-from dsmoe.engine import build_inference_engine, device_for, engine_dtype
-from dsmoe.faults import RunError
+from dsmoe.engine import engine_dtype
+from dsmoe.failures import RunError
 from dsmoe.progress import Phase
-from dsmoe.shards.format import read_split
-
-
-@dataclass
-class SplitFeatures:
-    """A split's images and one language's captions as the metrics take them: L2-normalised features in the model's
-    dtype on the evaluation device, in split order (captions in their sample's order), the same on every rank."""
-
-    images: torch.Tensor  # [N, D]
-    image_labels: torch.Tensor  # [N] person id, or image id for image-text data
-    texts: torch.Tensor  # [M, D]
-    text_labels: torch.Tensor  # [M] the label of the caption's image
+from dsmoe.data.format import read_split
 
 
 @dataclass
@@ -248,11 +236,3 @@ def format_results(results: dict, keys: tuple[str, ...]) -> str:
             lines.append(f"{name:<12}" + "".join(f"{metrics[k]:{width}.2f}" for k in keys))
     lines.append(f"model selection: {results['model_selection']}")
     return "\n".join(lines)
-
-
-def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path, split: str, local_rank: int) -> dict[str, float]:
-    """Score ``split`` with a saved run's adapters (any world size / ep_size)."""
-    method, engine, source = build_inference_engine(cfg, checkpoint)
-    evaluator = Evaluator(cfg, engine, device_for(local_rank))
-    metrics = evaluator.evaluate(method, split)
-    return {"checkpoint": source, "split": split, **metrics, **evaluator.completeness(split)}
