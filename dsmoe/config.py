@@ -21,6 +21,14 @@ from dsmoe.data.location import RemoteReads
 from dsmoe.schema import ConfigError, at_least, from_dict, location, locations, looks_local, positive, ranged, share
 
 DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "dm_adapter" / "demo.yaml"
+OPENAI_TOKENIZER = "openai/clip-vit-base-patch16"
+"""The tokenizer of every OpenAI CLIP (hub id), for weights files that hold none."""
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def is_weights_file(value: str) -> bool:
+    """Whether ``model.clip`` names a weights file (OpenAI's or open_clip's) rather than a folder or hub id."""
+    return value.endswith(WEIGHTS_SUFFIXES)
 
 # Keys that moved to the section of the method that reads them.
 MOVED_KEYS = {
@@ -36,13 +44,25 @@ MOVED_KEYS = {
 @dataclass
 class ModelConfig:
     clip: str = location("openai/clip-vit-base-patch16", "model")
-    """Hugging Face hub id or local directory of a transformers ``CLIPModel``."""
+    """Hugging Face hub id or local directory of a transformers ``CLIPModel``, or a weights file of OpenAI's CLIP
+    (the TorchScript ``ViT-B-16.pt`` the releases load, or a plain state dict) or of open_clip (``.pt``,
+    ``.bin``, ``.safetensors``), converted in memory (``dsmoe.backbones.openai_clip``)."""
     tokenizer: str | None = location(None, "model")
-    """Tokenizer hub id or directory; defaults to ``clip``."""
+    """Tokenizer hub id or directory; defaults to ``clip`` (for a weights file: OpenAI's, by hub id)."""
     image_size: tuple[int, int] = at_least(1, (384, 128))
     """Input (height, width); the position embedding is resized bilinearly to this grid."""
     text_length: int = at_least(2, 77)
     """Tokens per caption (truncated / padded)."""
+    pad_id: int | None = at_least(0, 0)
+    """Id written after each caption's end-of-text token: 0, as both releases pad CLIP's ids (IRRA's
+    ``tokenize``); null: the tokenizer's pad token (CLIP's is its end-of-text token)."""
+
+    def tokenizer_source(self) -> str:
+        """Where the caption tokenizer comes from: ``tokenizer``, else the CLIP folder or hub id; OpenAI's weights
+        files hold no tokenizer, and OpenAI's CLIP models share one (``OPENAI_TOKENIZER``)."""
+        if self.tokenizer:
+            return self.tokenizer
+        return OPENAI_TOKENIZER if is_weights_file(self.clip) else self.clip
 
 
 @dataclass
@@ -76,6 +96,10 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     shuffle_buffer: int = at_least(1, 2000)
     augment: bool = True
+    image_fit: Literal["stretch", "center_crop"] = "stretch"
+    """How an image becomes model.image_size: ``stretch``, a bilinear resize to exactly that size (IRRA's and
+    DM-Adapter's ``T.Resize((H, W))``); ``center_crop``, CLIP's preprocessing (DASD's): a bicubic resize of the
+    side that binds, then the centre."""
     random_erasing: float = share(0.5)
     """Probability of random erasing (scale 0.02-0.4) when ``augment``."""
     max_bad_share: float = share(0.01)
@@ -111,6 +135,10 @@ class OptimConfig:
     warmup_ratio: float | None = share(None, high_open=True)
     """Warm-up as a share of all steps (DASD: 0.1); when set it replaces ``warmup_epochs``."""
     warmup_start_factor: float = share(0.1)
+    schedule_per: Literal["step", "epoch"] = "step"
+    """``epoch`` moves the learning rate once per epoch, holding each epoch at the schedule's value at its start
+    (warm-up and cosine in epochs): DM-Adapter's release, which steps its scheduler at epoch ends. ``step`` moves it
+    every optimiser step."""
     grad_clip: float = ranged(0.0, 0)
     """Global gradient-norm clipping; 0 disables."""
 
@@ -246,9 +274,14 @@ class RunConfig:
         for key, kind, value in locations(self) + locations(self.method_config, f"{self.method}."):
             if kind != "model" or not isinstance(value, str) or not looks_local(value):
                 continue
-            if not Path(value).expanduser().is_dir():
+            path = Path(value).expanduser()
+            if key == "model.clip" and is_weights_file(value):
+                if not path.is_file():
+                    raise ConfigError(f"{key}={value}: no such file (OpenAI's CLIP weights, such as ViT-B-16.pt)")
+            elif not path.is_dir():
                 raise ConfigError(f"{key}={value}: no such folder (a local model is a folder written by "
-                                  f"save_pretrained; a Hugging Face hub id looks like openai/clip-vit-base-patch16)")
+                                  f"save_pretrained, or for model.clip a weights file such as ViT-B-16.pt; a "
+                                  f"Hugging Face hub id looks like openai/clip-vit-base-patch16)")
 
     def stage_runs(self) -> list[RunConfig]:
         """The runs this config asks for, in order (several for a method with stages, such as DASD)."""

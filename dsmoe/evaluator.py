@@ -145,7 +145,7 @@ class Evaluator:
         h, w = cfg.model.image_size
         loader = eval_loader(cfg.data.eval_shards or cfg.data.shards, split, cfg.model.image_size, self.rank,
                              self.world_size, cfg.train.eval_batch_size, cfg.data.workers, cfg.data.remote,
-                             cfg.data.checksums)
+                             cfg.data.checksums, cfg.data.image_fit)
         dummy = {"image": torch.zeros(1, 3, h, w, dtype=torch.uint8)}
         features, local, faults, width = [], [], [], 0
         phase = Phase(f"evaluation of '{split}': image features (rank 0's share)", unit="images",

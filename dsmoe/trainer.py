@@ -25,7 +25,7 @@ from dsmoe.files import write_atomic
 from dsmoe.methods.registry import get_method
 from dsmoe.methods.base import Method
 from dsmoe.moe.routing_counts import RoutingCounts
-from dsmoe.optim import warmup_steps, whole_model_trainable
+from dsmoe.optim import lr_schedule, whole_model_trainable
 from dsmoe.preemption import REQUEUE, STOP, PreemptionWatch
 from dsmoe.provenance import run_facts
 from dsmoe.run_log import Pace, RunLogger, peak_memory, step_line
@@ -63,8 +63,8 @@ class Trainer:
         self.micro_batches_per_epoch = self.steps_per_epoch * cfg.train.grad_accum
         total_steps = self.steps_per_epoch * cfg.train.epochs
         self.total_steps = min(total_steps, cfg.train.max_steps or total_steps)
-        built = build_training_engine(cfg, self.method.build(), ds_config, total_steps,
-                                      warmup_steps(cfg.optim, self.steps_per_epoch, total_steps), portable_init)
+        built = build_training_engine(cfg, self.method.build(), ds_config,
+                                      lr_schedule(cfg.optim, self.steps_per_epoch, total_steps), portable_init)
         self.engine, self.optimizer, self.scheduler = built.engine, built.optimizer, built.scheduler
         self.model, self.dtype = built.model, built.dtype
         self.ep_size = expert_parallel_size(cfg)
@@ -124,9 +124,10 @@ class Trainer:
 
     def init_from(self, path: str) -> None:
         """Start from another run's trainable weights (e.g. DASD's CMA from its CLA run); optimiser state fresh."""
-        source = self.checkpoints.load_weights(path)
+        source, method_state = self.checkpoints.load_weights(path)
+        carried = self.method.load_initial_state(method_state)
         self.started_from = str(source)
-        self.log.info(f"initialised the trainable weights from {source}")
+        self.log.info(f"initialised the trainable weights{f' and {carried}' if carried else ''} from {source}")
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
@@ -145,7 +146,8 @@ class Trainer:
             shard_dir=cfg.data.shards, split=cfg.data.train_split, image_size=cfg.model.image_size,
             micro_batch=cfg.micro_batch(self.world_size), batches_per_epoch=self.micro_batches_per_epoch,
             rank=self.rank, world_size=self.world_size, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-            augment=cfg.data.augment, erasing_p=cfg.data.random_erasing, load_images=self.method.load_images,
+            augment=cfg.data.augment, erasing_p=cfg.data.random_erasing, image_fit=cfg.data.image_fit,
+            load_images=self.method.load_images,
             reads=cfg.data.remote, checksums=cfg.data.checksums)
 
     def train(self) -> dict:

@@ -1,5 +1,6 @@
 """The reader's uint8 images + ``normalize`` on the device give the same training inputs, draw for draw, as
-normalising each image in the worker (what the reader did before): resume and reproducibility depend on it."""
+the release's per-image float pipeline (resize, flip, pad-and-crop, normalise, erase with the mean): resume,
+reproducibility and fidelity depend on it."""
 from __future__ import annotations
 
 import random
@@ -19,9 +20,10 @@ def _image(seed: int) -> Image.Image:
 
 
 def _per_image_reference(img: Image.Image, rng: random.Random, erasing_p: float) -> torch.Tensor:
-    """Resize, flip, pad-and-crop, normalise in float32 and erase, in that order, with the same draws."""
+    """Resize (bilinear), flip, pad-and-crop, normalise in float32 and erase with the mean (IRRA's
+    ``RandomErasing(value=mean)`` after ``Normalize``), in that order, with the same draws."""
     height, width = SIZE
-    img = img.resize((width, height), Image.BICUBIC)
+    img = img.resize((width, height), Image.BILINEAR)
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     arr = np.pad(np.asarray(img), ((10, 10), (10, 10), (0, 0)))
@@ -35,7 +37,7 @@ def _per_image_reference(img: Image.Image, rng: random.Random, erasing_p: float)
             h, w = int(round((area * aspect) ** 0.5)), int(round((area / aspect) ** 0.5))
             if 0 < h < height and 0 < w < width:
                 t, l = rng.randint(0, height - h), rng.randint(0, width - w)
-                x[:, t:t + h, l:l + w] = 0.0
+                x[:, t:t + h, l:l + w] = torch.tensor(CLIP_MEAN).view(3, 1, 1)
                 break
     return x
 
@@ -80,6 +82,7 @@ def test_eval_images_and_video_frames_normalise_alike():
     box = torch.tensor([[2, 3, 5, 4]])
     out = normalize(video, box, dtype=torch.bfloat16)
     assert out.dtype == torch.bfloat16 and out.shape == (1, 2, 3, *SIZE)
-    assert (out[0, :, :, 2:7, 3:7] == 0).all(), "every frame of a video is erased in the same box"
+    fill = torch.tensor(CLIP_MEAN).view(3, 1, 1).to(torch.bfloat16)
+    assert (out[0, :, :, 2:7, 3:7] == fill).all(), "every frame of a video is erased in the same box"
     single = normalize(frame[None])
     assert torch.equal(single[0, :, :2], normalize(video)[0, 0, :, :2])

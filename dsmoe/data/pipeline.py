@@ -98,6 +98,7 @@ class TrainStreamConfig:
     shuffle_buffer: int = 2000
     augment: bool = True
     erasing_p: float = 0.5
+    image_fit: str = "stretch"  # dsmoe.data.transforms.fitted
     load_images: bool = True
     reads: RemoteReads = field(default_factory=RemoteReads)
     checksums: bool = True
@@ -275,14 +276,14 @@ class TrainStream(IterableDataset):
         cfg = self.cfg
         media = load_media(pair.media, self._files, cfg.reads)  # read now if the stream skipped over it
         if not cfg.augment:
-            return _decode(media, lambda img: eval_transform(img, cfg.image_size)), NO_ERASE
+            return _decode(media, lambda img: eval_transform(img, cfg.image_size, cfg.image_fit)), NO_ERASE
         state = seeded(cfg.seed, self.epoch, pair.key, pair.c, "image").getstate()
         boxes = []
 
         def transform(img):  # every frame of a video gets the same augmentation
             rng = random.Random()
             rng.setstate(state)
-            image, box = train_transform(img, cfg.image_size, rng, erasing_p=cfg.erasing_p)
+            image, box = train_transform(img, cfg.image_size, rng, erasing_p=cfg.erasing_p, fit=cfg.image_fit)
             boxes.append(box)
             return image
         return _decode(media, transform), boxes[0]
@@ -339,11 +340,11 @@ class EvalImages(IterableDataset):
     sample and a ``SampleFault`` for each other."""
 
     def __init__(self, shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int,
-                 reads: RemoteReads = DEFAULT_READS, checksums: bool = True):
+                 reads: RemoteReads = DEFAULT_READS, checksums: bool = True, image_fit: str = "stretch"):
         super().__init__()
         self.info = read_split(shard_dir, split, reads=reads)
         self.image_size, self.rank, self.world_size = image_size, rank, world_size
-        self.reads, self.checksums = reads, checksums
+        self.reads, self.checksums, self.image_fit = reads, checksums, image_fit
 
     def __iter__(self):
         worker, workers = _slot()
@@ -360,7 +361,7 @@ class EvalImages(IterableDataset):
             faults.clear()
             try:
                 meta, media = sample_content(sample, need_media=True)
-                image = _decode(media, lambda img: eval_transform(img, self.image_size))
+                image = _decode(media, lambda img: eval_transform(img, self.image_size, self.image_fit))
             except Exception as exc:  # noqa: BLE001 - SampleError, or PIL's many types for undecodable images
                 reason = str(exc) if isinstance(exc, SampleError) else \
                     f"image does not decode ({type(exc).__name__}: {exc})"
@@ -381,8 +382,8 @@ def _collate_eval(items: list) -> dict:
 
 
 def eval_loader(shard_dir: str, split: str, image_size: tuple[int, int], rank: int, world_size: int,
-                batch_size: int, workers: int, reads: RemoteReads = DEFAULT_READS, checksums: bool = True
-                ) -> DataLoader:
-    dataset = EvalImages(shard_dir, split, image_size, rank, world_size, reads, checksums)
+                batch_size: int, workers: int, reads: RemoteReads = DEFAULT_READS, checksums: bool = True,
+                image_fit: str = "stretch") -> DataLoader:
+    dataset = EvalImages(shard_dir, split, image_size, rank, world_size, reads, checksums, image_fit)
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_eval,
                       worker_init_fn=ignore_job_signals)

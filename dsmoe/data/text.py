@@ -21,12 +21,15 @@ class EncodedCaptions:
 class CaptionEncoder:
     """Tokenise captions to ``length`` ids (truncated, padded) and locate the end-of-text (or [SEP]) token.
 
-    Corruption replaces tokens strictly between BOS and EOT: 80% become the mask token, 10% a random
-    regular token, 10% stay. A tokenizer without a mask token (OpenAI CLIP's) uses the last regular
-    token id below the special ones, as IRRA's tokenizer does.
+    Positions after the end-of-text token hold ``pad_id`` (the releases pad CLIP's ids with 0, IRRA's
+    ``tokenize``), or the tokenizer's own pad token when ``pad_id`` is None. The end-of-text position, which the
+    feature is read at, is the first end-of-text token either way.
+
+    A tokenizer without a mask token (OpenAI CLIP's) masks with the last regular id below its special ones, as
+    IRRA's tokenizer does (id 49405 for CLIP).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, length: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, length: int, pad_id: int | None = None):
         # CLIP's tokenizer ends a caption with eos; BERT's (DASD's mBERT) with [SEP].
         end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
         if end is None:
@@ -34,14 +37,16 @@ class CaptionEncoder:
         self.tokenizer = tokenizer
         self.length = length
         self.eos_id = end
+        self.pad_id = pad_id
         special = sorted(set(tokenizer.all_special_ids))
         self.mask_id = tokenizer.mask_token_id
         if self.mask_id is None:
             self.mask_id = min(special) - 1
             if self.mask_id <= 0:
                 raise ValueError("the tokenizer has no mask token and no regular id below its special tokens")
-        excluded = set(special) | {self.mask_id}
-        self.regular_ids = [i for i in range(len(tokenizer)) if i not in excluded]
+        self.excluded = frozenset(special) | {self.mask_id}
+        # regular ids a corrupted token may become: 1 .. 49404 for CLIP, as IRRA's (id 0 is never drawn)
+        self.regular_ids = [i for i in range(1, len(tokenizer)) if i not in self.excluded]
 
     def encode(self, captions: list[str]) -> EncodedCaptions:
         ids = self.tokenizer(captions, max_length=self.length, truncation=True, padding="max_length",
@@ -49,19 +54,33 @@ class CaptionEncoder:
         is_eos = ids == self.eos_id
         if not bool(is_eos.any(dim=1).all()):
             raise ValueError("a caption lost its end-of-text token; does the tokenizer add special tokens?")
-        return EncodedCaptions(ids=ids, eot=is_eos.int().argmax(dim=1))
+        eot = is_eos.int().argmax(dim=1)
+        if self.pad_id is not None:
+            ids = ids.masked_fill(torch.arange(ids.shape[1]) > eot[:, None], self.pad_id)
+        return EncodedCaptions(ids=ids, eot=eot)
 
     def corrupt(self, ids: torch.Tensor, eot: int, rng: random.Random, ratio: float) -> torch.Tensor:
-        """Corrupted copy of one caption's ids (at least one token selected when any is eligible)."""
+        """A corrupted copy of one caption's ids, by the release's rule (IRRA's masked-token sampling, whose
+        output DM-Adapter feeds to its SDM loss): each regular token (id above 0 and not special) before the
+        end-of-text position is drawn with probability ``ratio``; the same draw, scaled by ``ratio``, makes it the
+        mask (below 0.8), a random regular id (below 0.9) or leaves it; when no token is drawn, position 1 is
+        masked. ``rng`` supplies every draw, in position order."""
         out = ids.clone()
-        positions = list(range(1, int(eot)))
-        if not positions or ratio <= 0:
+        if ratio <= 0:
             return out
-        chosen = [p for p in positions if rng.random() < ratio] or [rng.choice(positions)]
-        for p in chosen:
-            roll = rng.random()
-            if roll < 0.8:
-                out[p] = self.mask_id
-            elif roll < 0.9:
-                out[p] = rng.choice(self.regular_ids)
+        drawn = False
+        for position in range(1, int(eot)):
+            token = int(out[position])
+            if token <= 0 or token in self.excluded:
+                continue
+            chance = rng.random()
+            if chance < ratio:
+                drawn = True
+                chance /= ratio
+                if chance < 0.8:
+                    out[position] = self.mask_id
+                elif chance < 0.9:
+                    out[position] = rng.choice(self.regular_ids)
+        if not drawn:
+            out[1] = self.mask_id
         return out

@@ -1,9 +1,14 @@
-"""Image transforms on PIL + numpy (no torchvision): IRRA's person-retrieval augmentation.
+"""Image transforms on PIL + numpy (no torchvision), as the releases run them with torchvision on PIL images.
 
-The readers' workers decode, resize, flip and crop to ``uint8`` tensors [3, H, W] (4x less to move than floats)
-and draw the random-erasing box; ``normalize`` turns a whole batch into CLIP-normalised floats on the device and
-erases the boxes there. The arithmetic and the random draws are those of a per-image float pipeline, so the
-training batches are the same.
+Two ways to fit an image to the model's (H, W) (``data.image_fit``): ``stretch``, IRRA's and DM-Adapter's
+``T.Resize((H, W))``, a bilinear resize to exactly H x W; and ``center_crop``, CLIP's own preprocessing that DASD
+uses, a bicubic resize of the shorter side (the side that binds) then the centre H x W.
+
+Training adds IRRA's augmentation (horizontal flip, 10-pixel zero padding and a random crop, random erasing). The
+readers' workers decode, resize, flip and crop to ``uint8`` tensors [3, H, W] (4x less to move than floats) and
+draw the random-erasing box; ``normalize`` turns a whole batch into CLIP-normalised floats on the device and
+erases the boxes there with ``T.RandomErasing(value=mean)``'s fill: the mean itself, in normalised units (the
+release erases after ``Normalize``). Given the same random draws, the pixels are the release's.
 """
 from __future__ import annotations
 
@@ -29,20 +34,40 @@ def _to_uint8_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.require(arr, np.uint8, "W")).permute(2, 0, 1).contiguous()  # PIL's arrays are read-only
 
 
-def eval_transform(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-    """Resize to (H, W): a uint8 tensor [3, H, W] (``normalize`` makes it the model's input)."""
+FITS = ("stretch", "center_crop")
+
+
+def fitted(img: Image.Image, size: tuple[int, int], fit: str = "stretch") -> Image.Image:
+    """``img`` at (H, W) = ``size``: ``stretch`` resizes it bilinearly to H x W; ``center_crop`` resizes it
+    bicubically so that it covers H x W (the shorter side to its target; for a square target, torchvision's
+    ``Resize(n)``) and crops the centre (``CenterCrop``'s rounding)."""
     height, width = size
-    return _to_uint8_tensor(np.asarray(img.resize((width, height), Image.BICUBIC)))
+    if fit == "stretch":
+        return img if img.size == (width, height) else img.resize((width, height), Image.BILINEAR)
+    if fit != "center_crop":
+        raise ValueError(f"image fit {fit!r}: one of {FITS}")
+    w, h = img.size
+    if w * height <= h * width:  # the width binds
+        new = (width, max(height, int(width * h / w)))
+    else:
+        new = (max(width, int(height * w / h)), height)
+    if new != img.size:
+        img = img.resize(new, Image.BICUBIC)
+    top, left = int(round((new[1] - height) / 2.0)), int(round((new[0] - width) / 2.0))
+    return img.crop((left, top, left + width, top + height))
+
+
+def eval_transform(img: Image.Image, size: tuple[int, int], fit: str = "stretch") -> torch.Tensor:
+    """``img`` fitted to (H, W): a uint8 tensor [3, H, W] (``normalize`` makes it the model's input)."""
+    return _to_uint8_tensor(np.asarray(fitted(img, size, fit)))
 
 
 def train_transform(img: Image.Image, size: tuple[int, int], rng: random.Random, *, pad: int = 10,
-                    erasing_p: float = 0.5) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """Resize, horizontal flip, pad + random crop to a uint8 tensor [3, H, W], and the random-erasing box
-    (top, left, height, width; scale 0.02-0.4) that ``normalize`` erases, to CLIP's mean colour."""
+                    erasing_p: float = 0.5, fit: str = "stretch") -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Fit to (H, W), horizontal flip, pad + random crop to a uint8 tensor [3, H, W], and the random-erasing box
+    (top, left, height, width; scale 0.02-0.4) that ``normalize`` erases."""
     height, width = size
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.BICUBIC)
-    arr = np.asarray(img)  # [H, W, 3], read-only
+    arr = np.asarray(fitted(img, size, fit))  # [H, W, 3], read-only
     if rng.random() < 0.5:
         arr = arr[:, ::-1]
     top, left = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
@@ -72,12 +97,14 @@ def _erase_box(height: int, width: int, rng: random.Random, scale=(0.02, 0.4),
 def normalize(images: torch.Tensor, boxes: torch.Tensor | None = None, *, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 images [B, 3, H, W] (or videos [B, N, 3, H, W]) -> CLIP-normalised ``dtype`` on ``device``, each
-    image's erase box (``boxes`` [B, 4]: top, left, height, width) set to 0, CLIP's mean colour."""
+    image's erase box (``boxes`` [B, 4]: top, left, height, width) set to CLIP's mean per channel, in normalised
+    units (``T.RandomErasing(value=mean)`` after ``Normalize``, as the release)."""
     x = images.to(device, non_blocking=True).float().div_(255.0)  # in place: one batch-sized allocation
     shape = (3, 1, 1)
     x.sub_(torch.tensor(CLIP_MEAN, device=x.device).view(shape)).div_(torch.tensor(CLIP_STD, device=x.device).view(shape))
     if boxes is not None:
+        fill = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype).view(shape)
         for b, (top, left, h, w) in enumerate(boxes.tolist()):
             if h and w:
-                x[b, ..., top:top + h, left:left + w] = 0.0
+                x[b, ..., top:top + h, left:left + w] = fill
     return x.to(dtype)

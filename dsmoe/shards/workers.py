@@ -36,10 +36,11 @@ R = TypeVar("R")
 
 
 def encode_jpeg(image: Image.Image, resize: tuple[int, int] | None) -> bytes:
-    """RGB, optionally resized (bicubic) to ``resize`` = (H, W), JPEG quality 95."""
+    """RGB, optionally resized to ``resize`` = (H, W) as the releases resize at load time (PIL's bilinear, through
+    torchvision's ``T.Resize`` on the fully decoded image), JPEG quality 95."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")  # (convert and a same-size resize only copy)
     if resize is not None and rgb.size != (resize[1], resize[0]):
-        rgb = rgb.resize((resize[1], resize[0]), Image.Resampling.BICUBIC)
+        rgb = rgb.resize((resize[1], resize[0]), Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
     rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False, subsampling=2)
     return buffer.getvalue()
@@ -88,11 +89,7 @@ def _prepare_one(work: Work, task: PrepTask, spill: bytearray, spill_name: str) 
             passthrough = task.resize is None and image.format == "JPEG" and image.mode == "RGB"
             if passthrough:  # a reduced-size decode still reads (and checks) all entropy-coded data
                 image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-            elif task.resize is not None and image.format == "JPEG":
-                # Shrinking by 2x or more: let libjpeg decode at 1/2, 1/4 or 1/8 scale (never below the target),
-                # as Image.thumbnail does; the bicubic resize then only does the rest.
-                image.draft(None, (task.resize[1], task.resize[0]))
-            image.load()
+            image.load()  # resized from the full decode, as the releases resize (no reduced-scale shortcut)
         except Exception as exc:  # PIL raises many types for bad files; any of them means "unreadable"
             return Probe(f"{unreadable}: {type(exc).__name__}: {_clean(exc)}")
         if passthrough and work.path is not None:
