@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import deepspeed
 import torch
@@ -18,7 +19,7 @@ from dsmoe.checkpoint.folder import resolve_checkpoint
 from dsmoe.config import RunConfig
 from dsmoe.ds_config import DeviceSupport, resolve_precision
 from dsmoe.methods.registry import get_method
-from dsmoe.optim import lr_factor, param_groups, trainable_parameters
+from dsmoe.optim import param_groups, trainable_parameters
 from dsmoe.checkpoint.folder import is_portable
 from dsmoe.portable import load_portable
 
@@ -61,19 +62,18 @@ class TrainingEngine:
         return engine_dtype(self.engine)
 
 
-def build_training_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict, total_steps: int,
-                          warmup_steps: int, portable_init: str | None = None) -> TrainingEngine:
+def build_training_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict,
+                          schedule: Callable[[int], float], portable_init: str | None = None) -> TrainingEngine:
     """A method's model in a DeepSpeed engine configured by ``ds_config`` (composed, see ``dsmoe.ds_config``),
-    with dsmoe's parameter groups and a schedule of ``warmup_steps`` then cosine to ``total_steps``;
-    ``portable_init``: exported adapters loaded before the engine starts (each rank takes its experts)."""
+    with dsmoe's parameter groups and the learning rate of each step ``schedule(step)`` x its group's base lr
+    (``dsmoe.optim.lr_schedule``); ``portable_init``: exported adapters loaded before the engine starts (each rank
+    takes its experts)."""
     if portable_init:
         load_portable(model, portable_init)
     trainable = sum(p.numel() for p in trainable_parameters(model).values())
-    start = cfg.optim.warmup_start_factor
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, warmup_steps, total_steps, start)))
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     safe_io.install(engine)
     check_expert_placement(expert_parallel_size(cfg))
     return TrainingEngine(engine, optimizer, scheduler, trainable)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from torch import nn
 
@@ -46,3 +47,17 @@ def warmup_steps(optim: OptimConfig, steps_per_epoch: int, total_steps: int) -> 
     if optim.warmup_ratio is not None:
         return round(optim.warmup_ratio * total_steps)
     return round(optim.warmup_epochs * steps_per_epoch)
+
+
+def lr_schedule(optim: OptimConfig, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
+    """The factor of the base learning rate at each optimiser step (for a ``LambdaLR``): a linear warm-up from
+    ``optim.warmup_start_factor``, then a cosine to 0 at ``total_steps``. ``optim.schedule_per: step`` moves it every
+    step; ``epoch`` holds each epoch at the value of its start, warm-up and cosine counted in epochs, as
+    DM-Adapter's release steps its ``LRSchedulerWithWarmup`` once per epoch."""
+    start = optim.warmup_start_factor
+    if optim.schedule_per == "epoch":
+        epochs = total_steps / steps_per_epoch
+        warmup = optim.warmup_ratio * epochs if optim.warmup_ratio is not None else optim.warmup_epochs
+        return lambda step: lr_factor(step // steps_per_epoch, warmup, epochs, start)
+    warmup = warmup_steps(optim, steps_per_epoch, total_steps)
+    return lambda step: lr_factor(step, warmup, total_steps, start)

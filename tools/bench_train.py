@@ -94,9 +94,8 @@ def measure(args: argparse.Namespace, cfg: RunConfig, ds: dict, rank: int, world
     device = device_for(local_rank)
     torch.manual_seed(cfg.train.seed)
     clip = random_vit_b16_clip() if args.clip == RANDOM_VIT_B16 else load_clip(args.clip)
-    steps = args.warmup + args.steps
     built = build_training_engine(cfg, DMAdapter(cfg, FrozenCLIP(clip, cfg.model.image_size)), ds,
-                                  total_steps=steps, warmup_steps=0)
+                                  schedule=lambda step: 1.0)  # the base learning rate throughout
     engine = built.engine
     dtype, vocab = built.dtype, clip.config.text_config.vocab_size
     accelerator = get_accelerator()

@@ -93,7 +93,7 @@ def step_case(variant: str, options: dict) -> None:
     else:
         model = DMAdapter(cfg, FrozenCLIP(clip, size)) if variant == "dm" else FullFinetune(TrainableCLIP(clip, size))
         ds = compose_ds_config(load_ds_config("zero2.json"), cfg, 1, DeviceSupport.detect())
-        engine = build_training_engine(cfg, model, ds, total_steps=100, warmup_steps=0).engine
+        engine = build_training_engine(cfg, model, ds, schedule=lambda step: 1.0).engine
 
         def step(batch):
             engine.backward(engine(batch)["loss"])
