@@ -19,7 +19,14 @@ ParallelBranch = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def load_clip(name_or_path: str) -> CLIPModel:
-    """Load CLIP from a hub id or a local directory (weights in fp32)."""
+    """Load CLIP from a hub id, a local directory, or a weights file of OpenAI's or open_clip's (converted in
+    memory: ``dsmoe.backbones.openai_clip``); weights in fp32."""
+    from dsmoe.config import is_weights_file
+
+    if is_weights_file(name_or_path):
+        from dsmoe.backbones.openai_clip import load_openai_clip
+
+        return load_openai_clip(name_or_path)
     return CLIPModel.from_pretrained(name_or_path, dtype=torch.float32)
 
 
