@@ -243,6 +243,27 @@ def test_discriminator_step_changes_only_its_own_parameters(method):
     assert out["f_sa"].requires_grad and out["discriminator"].item() > 0 and "adversarial" in out
 
 
+def test_a_stage_started_from_another_takes_over_its_trained_discriminator(method, tiny_clip_dir, tiny_mbert_dir,
+                                                                          wire):
+    """As the release's CMA, which loads its CLA checkpoint with the discriminator's weights; its optimiser starts
+    fresh. ``dasd.fresh_discriminator`` starts a new one."""
+    from dsmoe.methods.dasd.method import DASDMethod
+
+    method.backward(_FakeEngine(), method.model(_batch(method)))  # a CLA step trains the discriminator
+    saved = method.state_dict()
+    for fresh in (False, True):
+        cma = DASDMethod(dasd_config(tiny_clip_dir, tiny_mbert_dir, "dasd.stage=cma",
+                                     f"dasd.fresh_discriminator={str(fresh).lower()}"))
+        cma.model = wire(cma.build())
+        before = {k: v.clone() for k, v in cma.discriminator.state_dict().items()}
+        said = cma.load_initial_state(saved)
+        now = cma.discriminator.state_dict()
+        expected = before if fresh else saved["discriminator"]
+        assert all(torch.equal(now[k], expected[k]) for k in now) and said == (None if fresh else "its discriminator")
+        assert not any(torch.equal(now[k], saved["discriminator"][k]) for k in now) or not fresh
+        assert cma.disc_optimizer.state_dict()["state"] == {}  # the optimiser starts fresh
+
+
 def test_trainable_parameters_are_the_target_text_path(method):
     names = {n for n, p in method.model.named_parameters() if p.requires_grad}
     assert {n.split(".")[0] for n in names} == {"embedding", "embedding_proj", "extractors", "z_net", "adapters"}

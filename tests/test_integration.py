@@ -136,7 +136,7 @@ def test_dasd_language_experts_sharded_over_two_ranks(dasd_assets, tmp_path):
                     extra=("--config", str(REPO_ROOT / "dsmoe" / "configs" / "dasd" / "demo.yaml")))
     out = run_ok(cmd)
     assert "world size 2, ep_size 2" in out
-    assert "initialised the trainable weights from" in out  # CMA starts from CLA
+    assert "initialised the trainable weights and its discriminator from" in out  # CMA starts from CLA
     for stage in ("cla", "cma"):
         results = json.loads((run / stage / "results.json").read_text())
         assert set(results["test"]) >= {"mAR", "AR_xx", "AR_yy"}

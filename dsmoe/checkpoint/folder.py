@@ -225,7 +225,7 @@ def _cursor_digest(saved: dict) -> str:
 SHAPE_SECTIONS = ("model", "adapter", "dasd", "dm_adapter")  # config sections that can shape trainable tensors
 NOT_SHAPES = {"adapter.ep_size", "adapter.capacity_factor", "dasd.stage", "dasd.stages", "dasd.cla", "dasd.cma",
               "dasd.english", "dasd.consistency_weight", "dasd.adversarial_weight", "dasd.discriminator_lr",
-              "dasd.logit_scale", "dm_adapter.image_scale", "dm_adapter.text_scale", "dm_adapter.logit_scale",
+              "dasd.fresh_discriminator", "dasd.logit_scale", "dm_adapter.image_scale", "dm_adapter.text_scale", "dm_adapter.logit_scale",
               "dm_adapter.lb_weight", "dm_adapter.caption_corruption"}
 
 

@@ -144,15 +144,16 @@ class CheckpointManager:
             return {}, f"; no usable data stream places: {REPLAY}"
         return saved["cursors"], f"; the data continues from {places} saved stream places"
 
-    def load_weights(self, path: str | Path) -> Path:
+    def load_weights(self, path: str | Path) -> tuple[Path, dict]:
         """Another run's trainable weights (DASD's CMA from its CLA run, ``train.init_from``), optimiser state and
-        schedule fresh; returns the checkpoint folder read."""
+        schedule fresh; returns the checkpoint folder read and that run's method state (for
+        ``Method.load_initial_state``)."""
         if folder.is_portable(path):
             raise AssertionError("portable files are loaded before deepspeed.initialize (Trainer portable_init)")
         root, tag = folder.resolve_checkpoint(path)
-        safe_io.load_checkpoint(self.engine, root, tag, self.cfg, load_optimizer_states=False,
-                                load_lr_scheduler_states=False, load_module_only=True)
-        return root / tag
+        _, client = safe_io.load_checkpoint(self.engine, root, tag, self.cfg, load_optimizer_states=False,
+                                            load_lr_scheduler_states=False, load_module_only=True)
+        return root / tag, (client or {}).get("method", {})
 
     def load_selected(self, tag: str) -> None:
         """The weights of this run's checkpoint ``tag`` (the best on validation) for the final test."""

@@ -99,6 +99,11 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def load_initial_state(self, state: dict) -> str | None:
+        """What a run started from another run's weights (``train.init_from``) takes over of that run's method state
+        (``state_dict`` as saved there): nothing by default; else what it took, for the log."""
+        return None
+
     @staticmethod
     def scalars(out: dict) -> dict[str, float]:
         """Loss parts to log: the 0-d tensors of the forward's output."""

@@ -53,6 +53,10 @@ class DASDConfig(MethodSettings):
     consistency_weight: float = ranged(0.1, 0)
     adversarial_weight: float = ranged(0.001, 0)
     discriminator_lr: float = positive(1.0e-4)
+    fresh_discriminator: bool = False
+    """A stage started from another (CMA from CLA, ``train.init_from``) takes over its trained discriminator, as
+    the release's CMA loads its CLA checkpoint with the discriminator's weights (its optimiser starts fresh); true
+    starts a new one."""
     logit_scale: float = positive(100.0)
     """InfoNCE scale of stage CMA."""
 

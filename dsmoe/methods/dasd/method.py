@@ -33,7 +33,8 @@ class DASDMethod(Method):
         self.languages = list(d.languages)
         self.load_images = d.stage == "cma"
         self.report_metrics = ("mAR", *(f"AR_{lang}" for lang in self.languages))
-        self.english = CaptionEncoder(load_tokenizer(cfg.model.tokenizer or cfg.model.clip), cfg.model.text_length)
+        self.english = CaptionEncoder(load_tokenizer(cfg.model.tokenizer_source()), cfg.model.text_length,
+                                       cfg.model.pad_id)
         self.target = CaptionEncoder(load_tokenizer(d.tokenizer), cfg.model.text_length)
         self.discriminator: Discriminator | None = None
         self.disc_optimizer: torch.optim.Optimizer | None = None
@@ -100,6 +101,13 @@ class DASDMethod(Method):
             self.discriminator.load_state_dict(state["discriminator"])
             self.disc_optimizer.load_state_dict(state["optimizer"])
 
+    def load_initial_state(self, state: dict) -> str | None:
+        """The previous stage's trained discriminator (not its optimiser), unless ``dasd.fresh_discriminator``."""
+        if "discriminator" not in state or self.settings.fresh_discriminator:
+            return None
+        self.discriminator.load_state_dict(state["discriminator"])
+        return "its discriminator"
+
 
 def recall_report(evaluator, split: str, language: str, encode, text_forward) -> dict:
     """recall_metrics of one language's captions against the split's images (features from ``evaluator``)."""
@@ -114,7 +122,8 @@ class EnglishFinetuneMethod(Method):
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
-        self.english = CaptionEncoder(load_tokenizer(cfg.model.tokenizer or cfg.model.clip), cfg.model.text_length)
+        self.english = CaptionEncoder(load_tokenizer(cfg.model.tokenizer_source()), cfg.model.text_length,
+                                       cfg.model.pad_id)
 
     def build(self) -> EnglishCLIP:
         torch.manual_seed(self.cfg.train.seed)

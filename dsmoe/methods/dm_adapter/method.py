@@ -81,7 +81,8 @@ class DMAdapterMethod(Method):
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
-        self.captions = CaptionEncoder(load_tokenizer(cfg.model.tokenizer or cfg.model.clip), cfg.model.text_length)
+        self.captions = CaptionEncoder(load_tokenizer(cfg.model.tokenizer_source()), cfg.model.text_length,
+                                       cfg.model.pad_id)
 
     def build(self) -> DMAdapter:
         torch.manual_seed(self.cfg.train.seed)  # identical non-expert initialisation on every rank
