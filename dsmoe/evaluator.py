@@ -3,7 +3,9 @@ rank in lockstep, the features gathered to every rank in split order, and the me
 block with the blocks shared between ranks; the completeness of the split, and results tables."""
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -227,7 +229,9 @@ def _in_split_order(features: torch.Tensor, labels: torch.Tensor,
     return features[permutation], labels[permutation]
 
 
-def format_results(results: dict, keys: tuple[str, ...]) -> str:
+def format_results(results: dict, keys: tuple[str, ...], run_dir: str | Path) -> str:
+    """A finished run's closing table: the test scores before and after training, the model selection, what was
+    trained and where to look next."""
     rows = [(results.get("start_label", "untrained"), results.get("zero_shot")), ("trained", results["test"])]
     width = max(8, *(len(k) + 2 for k in keys))
     lines = [f"{'test split':<12}" + "".join(f"{k:>{width}}" for k in keys)]
@@ -235,4 +239,17 @@ def format_results(results: dict, keys: tuple[str, ...]) -> str:
         if metrics:
             lines.append(f"{name:<12}" + "".join(f"{metrics[k]:{width}.2f}" for k in keys))
     lines.append(f"model selection: {results['model_selection']}")
+    lines.append(run_summary(results, run_dir))
     return "\n".join(lines)
+
+
+def run_summary(results: dict, run_dir: str | Path) -> str:
+    """What a run trained (method, experts, ranks, trainable parameters) and the commands that show it further."""
+    cfg, run = results["config"], shlex.quote(str(run_dir))
+    adapter = cfg["adapter"]
+    return "\n".join([
+        f"trained: {cfg['method']}, {adapter['num_experts']} experts a layer (top-{adapter['top_k']}, "
+        f"{adapter['router']} router) over {results['world_size']} ranks (ep_size {results['ep_size']}), "
+        f"{results['trainable_parameters']:,} trainable parameters",
+        f"next: python -m dsmoe.report {run}              # losses, scores and routing as pictures",
+        f"      python -m dsmoe.retrieve --checkpoint {run}   # ask the trained model for images"])

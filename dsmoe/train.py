@@ -123,7 +123,7 @@ def finished_results(cfg: RunConfig) -> str | None:
         return None
     if read_marker(root / "checkpoints", tag)["progress"]["epoch"] < cfg.train.epochs:
         return None
-    return format_results(json.loads(results.read_text()), get_method(cfg).report_metrics)
+    return format_results(json.loads(results.read_text()), get_method(cfg).report_metrics, root)
 
 
 def run(stages: list[tuple[RunConfig, dict]], resume: str, rank: int, world_size: int, local_rank: int,
@@ -163,18 +163,21 @@ def run(stages: list[tuple[RunConfig, dict]], resume: str, rank: int, world_size
 
 
 def stage_summary(stages: list[RunConfig]) -> str:
-    """One table over the stages: the untrained model, then the test scores after each stage."""
+    """One table over the stages: the untrained model, then the test scores after each stage; then what the last
+    stage trained and where to look next."""
+    from dsmoe.evaluator import run_summary
     from dsmoe.methods.registry import get_method
 
-    results = [json.loads((Path(s.train.output_dir) / "results.json").read_text()) for s in stages]
+    folders = [Path(s.train.output_dir) for s in stages]
+    results = [json.loads((folder / "results.json").read_text()) for folder in folders]
     keys = get_method(stages[-1]).report_metrics
-    rows = [("untrained", results[0].get("zero_shot"))] + [(f"after {Path(s.train.output_dir).name}", r["test"])
-                                                          for s, r in zip(stages, results)]
+    rows = [("untrained", results[0].get("zero_shot"))] + [(f"after {folder.name}", r["test"])
+                                                          for folder, r in zip(folders, results)]
     lines = [f"{'test split':<14}" + "".join(f"{k:>9}" for k in keys)]
     lines += [f"{name:<14}" + "".join(f"{m[k]:9.2f}" if m and k in m else f"{'-':>9}" for k in keys)
               for name, m in rows]
+    lines.append(run_summary(results[-1], folders[-1]))
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     sys.exit(main())

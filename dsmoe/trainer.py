@@ -339,7 +339,7 @@ class Trainer:
         self.method.on_finish(self.model, self.run_dir, self.rank)
         if self.rank == 0:
             write_atomic(self.run_dir / "results.json", json.dumps(results, indent=2))
-            self.log.info(format_results(results, self.method.report_metrics))
+            self.log.info(format_results(results, self.method.report_metrics, self.run_dir))
         self.log.close()
         return results
 

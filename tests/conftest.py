@@ -96,14 +96,20 @@ def tiny_tokenizer(tiny_clip_dir: Path):
 
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory) -> dict[str, str]:
-    """The DM-Adapter demo's synthetic shards and tiny CLIP, built once per session in a temporary directory."""
-    from dsmoe.config import load_config
-    from dsmoe.demo import prepare_demo
+    """The DM-Adapter demo's kind of synthetic shards and tiny CLIP, with a quarter of its training people (the
+    tests train a few steps), built once per session in a temporary directory."""
+    return person_demo_assets(tmp_path_factory.mktemp("demo"), people={"train": 96, "val": 24, "test": 24})
 
-    root = tmp_path_factory.mktemp("demo")
+
+def person_demo_assets(root: Path, people: dict[str, int] | None = None) -> dict[str, str]:
+    """The DM-Adapter demo's assets under ``root`` (``people`` per split; default: the demo's own) and the
+    ``--set`` values that point a run at them."""
+    from dsmoe.config import load_config
+    from dsmoe.demo import prepare_person_demo
+
     cfg = load_config(None, [f"model.clip={root / 'tiny-clip'}", f"demo_dir={root}",
                              f"data.shards={root / 'shards'}"])
-    prepare_demo(cfg)
+    prepare_person_demo(root, cfg.model, people)
     return {"demo_dir": str(root), "model.clip": str(root / "tiny-clip"), "data.shards": str(root / "shards")}
 
 

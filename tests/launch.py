@@ -12,6 +12,7 @@ from dsmoe.launcher import free_port  # noqa: F401  (tests take their launchers'
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LAUNCH_TIMEOUT = 600
+DASD_DEMO = REPO_ROOT / "dsmoe" / "configs" / "dasd" / "demo.yaml"
 
 
 def extensions_dir() -> str:

@@ -17,7 +17,7 @@ import torch
 
 import faulty_shards as fs
 from dsmoe.config import ConfigError, load_config
-from launch import REPO_ROOT
+from launch import DASD_DEMO, REPO_ROOT
 from dsmoe.data.bad_samples import FaultLog, SampleFault, bad_sample_limit, summarize
 from dsmoe.data.pipeline import CaptionPairs, EvalImages, TrainStream, TrainStreamConfig, train_loader
 from dsmoe.data.slot_stream import SlotStream
@@ -228,7 +228,6 @@ def test_summary_groups_by_shard_and_reason():
     assert summarize(many, lines=10)[-1] == "... and 5 more in 5 other shard/reason groups"
 
 
-DASD_DEMO = REPO_ROOT / "dsmoe" / "configs" / "dasd" / "demo.yaml"
 
 
 @pytest.mark.parametrize("recipe,override,message", [

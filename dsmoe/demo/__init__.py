@@ -15,13 +15,20 @@ from __future__ import annotations
 
 import fcntl
 import json
+import shutil
 from pathlib import Path
 
 from dsmoe.config import ModelConfig, RunConfig
 from dsmoe.demo.models import build_tiny_mbert, ensure_tiny_clip
 from dsmoe.demo.multi30k import DEMO_LANGUAGES, make_synthetic_multi30k
-from dsmoe.demo.people import make_synthetic_pedes
+from dsmoe.demo.people import STAMP_NAME, make_synthetic_pedes
 from dsmoe.methods.dasd.config import DASDConfig
+
+PERSON_DEMO_PEOPLE = {"train": 384, "val": 24, "test": 24}
+"""People of the DM-Adapter demo's splits: enough training people that the adapters generalise to unseen ones
+within a few epochs (with 96 they memorise them)."""
+MADE_FROM = ".made_from"
+"""Beside the demo's shards and CLIP: the stamp of the raw set they were built from."""
 
 
 def _make_shards(*args: str) -> None:
@@ -54,16 +61,41 @@ def prepare_demo(cfg: RunConfig) -> None:
         prepare_person_demo(cfg.demo_dir, cfg.model)
 
 
-def prepare_person_demo(demo_dir: str | Path, model: ModelConfig) -> None:
-    """The DM-Adapter demo: synthetic CUHK-PEDES layout, its shards, the tiny CLIP."""
+def prepare_person_demo(demo_dir: str | Path, model: ModelConfig,
+                        people: dict[str, int] | None = None) -> None:
+    """The DM-Adapter demo: synthetic CUHK-PEDES layout (``people`` per split, by default
+    ``PERSON_DEMO_PEOPLE``), its shards, the tiny CLIP."""
     demo_dir = Path(demo_dir)
-    raw = make_synthetic_pedes(demo_dir / "raw", progress=True)
-    shards = demo_dir / "shards"
-    if not (shards / "test.manifest.json").is_file():
+    raw = make_synthetic_pedes(demo_dir / "raw", num_ids=people or PERSON_DEMO_PEOPLE, progress=True)
+    shards, clip = demo_dir / "shards", Path(model.clip)
+    if _stale(shards, "test.manifest.json", raw, demo_dir):
         _make_shards("--dataset", "cuhk-pedes", "--root", str(raw), "--out", str(shards), "--samples-per-shard", "64",
                      "--resize", f"{model.image_size[0]}x{model.image_size[1]}")
-    records = json.loads((Path(raw) / "reid_raw.json").read_text())
-    ensure_tiny_clip(Path(model.clip), [c for r in records if r["split"] == "train" for c in r["captions"]])
+        _mark_made_from(shards, raw)
+    if _stale(clip, "config.json", raw, demo_dir):
+        records = json.loads((Path(raw) / "reid_raw.json").read_text())
+        ensure_tiny_clip(clip, [c for r in records if r["split"] == "train" for c in r["captions"]])
+        _mark_made_from(clip, raw)
+
+
+def _stale(folder: Path, built: str, raw: Path, demo_dir: Path) -> bool:
+    """Whether the demo must build ``folder`` (holding ``built`` once made) from ``raw``; a stale one (made from
+    another raw set, or before this mark existed) is removed. A model folder outside ``demo_dir`` (one the user
+    named) is left as it is."""
+    if not (folder / built).is_file():
+        return True
+    mark = folder / MADE_FROM
+    if mark.is_file() and mark.read_text() == (raw / STAMP_NAME).read_text():
+        return False
+    if not folder.resolve().is_relative_to(demo_dir.resolve()):
+        return False
+    print(f"[dsmoe] {folder} was built from another version of the demo's data: building it again", flush=True)
+    shutil.rmtree(folder)
+    return True
+
+
+def _mark_made_from(folder: Path, raw: Path) -> None:
+    (folder / MADE_FROM).write_text((raw / STAMP_NAME).read_text())
 
 
 def prepare_dasd_demo(cfg: RunConfig) -> None:
