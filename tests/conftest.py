@@ -98,19 +98,23 @@ def tiny_tokenizer(tiny_clip_dir: Path):
 def demo_assets(tmp_path_factory) -> dict[str, str]:
     """The DM-Adapter demo's kind of synthetic shards and tiny CLIP, with a quarter of its training people (the
     tests train a few steps), built once per session in a temporary directory."""
-    return person_demo_assets(tmp_path_factory.mktemp("demo"), people={"train": 96, "val": 24, "test": 24})
+    return person_demo_assets(tmp_path_factory.mktemp("demo"))
 
 
-def person_demo_assets(root: Path, people: dict[str, int] | None = None) -> dict[str, str]:
-    """The DM-Adapter demo's assets under ``root`` (``people`` per split; default: the demo's own) and the
-    ``--set`` values that point a run at them."""
+TEST_PEOPLE = {"train": 96, "val": 24, "test": 24}
+
+
+def person_demo_assets(root: Path, people: dict[str, int] = TEST_PEOPLE) -> dict[str, str]:
+    """The DM-Adapter demo's assets under ``root`` with ``people`` per split, and the ``--set`` values that run the
+    demo recipe on them as they are (demo=false: the recipe's demo: true would rebuild them at the demo's size)."""
     from dsmoe.config import load_config
     from dsmoe.demo import prepare_person_demo
 
     cfg = load_config(None, [f"model.clip={root / 'tiny-clip'}", f"demo_dir={root}",
                              f"data.shards={root / 'shards'}"])
     prepare_person_demo(root, cfg.model, people)
-    return {"demo_dir": str(root), "model.clip": str(root / "tiny-clip"), "data.shards": str(root / "shards")}
+    return {"demo_dir": str(root), "model.clip": str(root / "tiny-clip"), "data.shards": str(root / "shards"),
+            "demo": "false"}
 
 
 @pytest.fixture

@@ -435,7 +435,7 @@ def damaged_demo(demo_assets, tmp_path_factory) -> dict[str, str]:
     fs.truncate_file(out / "train-000004.tar", keep=0.5)  # 32 samples: about half of them lost
     fs.edit_sample(out / "test-000001.tar", 2, fs.corrupt_image)
     fs.restate_manifests(out)  # damaged at the source: each damage is met sample by sample
-    return {**demo_assets, "data.shards": str(out), "demo": "false"}  # the demo's recipe on other shards
+    return {**demo_assets, "data.shards": str(out)}  # the demo's recipe on other shards
 
 
 @pytest.mark.integration
@@ -503,7 +503,7 @@ def test_evaluating_a_checkpoint_with_a_planted_pickle_refuses_it(demo_assets, t
     (tag / "COMPLETE").write_text("{}")
     (tag.parent / "latest").write_text(tag.name)
     torch.save({"module": {}, "payload": _Plant(marker)}, tag / "mp_rank_00_model_states.pt")
-    sets = [a for k, v in {**demo_assets, "demo": "false"}.items() for a in ("--set", f"{k}={v}")]
+    sets = [a for k, v in demo_assets.items() for a in ("--set", f"{k}={v}")]
     proc = subprocess.run([sys.executable, "-m", "dsmoe.evaluate", "--checkpoint", str(tmp_path / "run"), *sets],
                           cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and not marker.exists(), proc.stderr[-3000:]
@@ -576,7 +576,7 @@ def test_sigterm_while_the_ranks_start_ends_the_launcher_with_143(demo_assets, t
 
     from launch import train_cmd
 
-    proc = subprocess.Popen(train_cmd(demo_assets, tmp_path / "run", free_port(), "demo=false"), cwd=REPO_ROOT,
+    proc = subprocess.Popen(train_cmd(demo_assets, tmp_path / "run", free_port()), cwd=REPO_ROOT,
                             env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline, ranks = time.monotonic() + 60, []
     while len(ranks) < 2 and time.monotonic() < deadline:

@@ -52,7 +52,7 @@ def test_the_installed_package_trains_from_anywhere(installed, demo_assets, tmp_
                      "'numpy') if m in sys.modules])")
     assert loaded.stdout.strip() == "2 []", loaded.stdout + loaded.stderr
     assert _python(installed, tmp_path, "-m", "dsmoe.shards", "--help").returncode == 0
-    sets = [a for k, v in {**demo_assets, "demo": "false", "adapter.ep_size": "1", "train.max_steps": "2",
+    sets = [a for k, v in {**demo_assets, "adapter.ep_size": "1", "train.max_steps": "2",
                            "train.output_dir": "run", "train.eval_zero_shot": "false", "data.workers": "0"}.items()
             for a in ("--set", f"{k}={v}")]
     run = _python(installed, tmp_path, "-m", "dsmoe.train", "--ds_config", "zero2_fp32.json", *sets)

@@ -257,7 +257,7 @@ def test_two_ranks_train_over_a_flaky_http_server_and_evaluate_from_s3(demo_asse
     with s3_server() as env, http_server(served, faults) as url:
         upload(env, served / "shards", "s3://demo/shards")
         assets = {**demo_assets, "data.shards": f"{url}/shards", "data.eval_shards": "s3://demo/shards"}
-        out = run_ok(train_cmd(assets, run, free_port(), "demo=false", "train.max_steps=4", "data.max_bad_share=0.5",
+        out = run_ok(train_cmd(assets, run, free_port(), "train.max_steps=4", "data.max_bad_share=0.5",
                                "data.remote.stall_s=1", "data.remote.retries=1", "data.remote.retry_wait=0.1"),
                      env={**launch_env(), **env})
         assert "world size 2" in out

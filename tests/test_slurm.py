@@ -55,20 +55,17 @@ def slurm():
 
 @pytest.fixture(scope="module")
 def slurm_demo(tmp_path_factory) -> dict[str, str]:
-    """The demo's synthetic shards and tiny CLIP, built once in a temporary directory, as in conftest.demo_assets
-    but without the tiny CLIP's contrastive pre-training (minutes on 2 CPU cores, and these tests score no model)."""
-    import dsmoe.demo
+    """The demo's synthetic shards and tiny CLIP, built once in a temporary directory, as conftest.demo_assets but
+    without the tiny CLIP's contrastive pre-training (these tests score no model)."""
     import dsmoe.demo.models
-    from dsmoe.config import load_config
+    from conftest import person_demo_assets
 
     root = tmp_path_factory.mktemp("slurm-demo")
-    cfg = load_config(None, [f"model.clip={root / 'tiny-clip'}", f"demo_dir={root}",
-                             f"data.shards={root / 'shards'}"])
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dsmoe.demo.models, "pretrain_clip", lambda *args, **kwargs: None)
-        dsmoe.demo.prepare_demo(cfg)
+        assets = person_demo_assets(root)
     assert (root / "tiny-clip" / "config.json").is_file() and (root / "shards" / "test.manifest.json").is_file()
-    return {"demo_dir": str(root), "model.clip": str(root / "tiny-clip"), "data.shards": str(root / "shards")}
+    return assets
 
 
 def slurm_env(**extra: str) -> dict[str, str]:
