@@ -179,5 +179,6 @@ def stage_summary(stages: list[RunConfig]) -> str:
     lines.append(run_summary(results[-1], folders[-1]))
     return "\n".join(lines)
 
+
 if __name__ == "__main__":
     sys.exit(main())

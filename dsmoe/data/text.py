@@ -65,12 +65,12 @@ class CaptionEncoder:
         end-of-text position is drawn with probability ``ratio``; the same draw, scaled by ``ratio``, makes it the
         mask (below 0.8), a random regular id (below 0.9) or leaves it; when no token is drawn, position 1 is
         masked. ``rng`` supplies every draw, in position order."""
-        out = ids.clone()
         if ratio <= 0:
-            return out
+            return ids.clone()
+        tokens = ids.tolist()  # one conversion, not one tensor read per position (this runs for every caption)
         drawn = False
         for position in range(1, int(eot)):
-            token = int(out[position])
+            token = tokens[position]
             if token <= 0 or token in self.excluded:
                 continue
             chance = rng.random()
@@ -78,9 +78,9 @@ class CaptionEncoder:
                 drawn = True
                 chance /= ratio
                 if chance < 0.8:
-                    out[position] = self.mask_id
+                    tokens[position] = self.mask_id
                 elif chance < 0.9:
-                    out[position] = rng.choice(self.regular_ids)
+                    tokens[position] = rng.choice(self.regular_ids)
         if not drawn:
-            out[1] = self.mask_id
-        return out
+            tokens[1] = self.mask_id
+        return torch.tensor(tokens, dtype=ids.dtype)

@@ -62,23 +62,22 @@ def prepare_demo(cfg: RunConfig) -> None:
 
 
 def prepare_person_demo(demo_dir: str | Path, model: ModelConfig,
-                        people: dict[str, int] | None = None) -> None:
-    """The DM-Adapter demo: synthetic CUHK-PEDES layout (``people`` per split, by default
-    ``PERSON_DEMO_PEOPLE``), its shards, the tiny CLIP."""
+                        people: dict[str, int] = PERSON_DEMO_PEOPLE) -> None:
+    """The DM-Adapter demo: synthetic CUHK-PEDES layout (``people`` per split), its shards, the tiny CLIP."""
     demo_dir = Path(demo_dir)
-    raw = make_synthetic_pedes(demo_dir / "raw", num_ids=people or PERSON_DEMO_PEOPLE, progress=True)
+    raw = make_synthetic_pedes(demo_dir / "raw", num_ids=people, progress=True)
     shards, clip = demo_dir / "shards", Path(model.clip)
-    if _stale(shards, "test.manifest.json", raw, demo_dir):
+    if _needs_building(shards, "test.manifest.json", raw, demo_dir):
         _make_shards("--dataset", "cuhk-pedes", "--root", str(raw), "--out", str(shards), "--samples-per-shard", "64",
                      "--resize", f"{model.image_size[0]}x{model.image_size[1]}")
         _mark_made_from(shards, raw)
-    if _stale(clip, "config.json", raw, demo_dir):
+    if _needs_building(clip, "config.json", raw, demo_dir):
         records = json.loads((Path(raw) / "reid_raw.json").read_text())
         ensure_tiny_clip(clip, [c for r in records if r["split"] == "train" for c in r["captions"]])
         _mark_made_from(clip, raw)
 
 
-def _stale(folder: Path, built: str, raw: Path, demo_dir: Path) -> bool:
+def _needs_building(folder: Path, built: str, raw: Path, demo_dir: Path) -> bool:
     """Whether the demo must build ``folder`` (holding ``built`` once made) from ``raw``; a stale one (made from
     another raw set, or before this mark existed) is removed. A model folder outside ``demo_dir`` (one the user
     named) is left as it is."""
