@@ -66,13 +66,14 @@ def retrieval_dir(source: str | Path) -> Path:
 
 def gallery_stamp(cfg: RunConfig, source: str | Path, split: str) -> dict:
     """What a cached gallery was computed from: the weights read from ``source`` (and when they were written),
-    the split's manifest, the image size."""
+    the split's manifest, the image size and fit."""
     path = Path(source)
     weights = path if is_portable(path) else path / "COMPLETE"
     shards = cfg.data.eval_shards or cfg.data.shards
     manifest = read_bytes(manifest_address(shards, split), cfg.data.remote)
     return {"version": GALLERY_VERSION, "weights": str(weights.resolve()), "written": weights.stat().st_mtime_ns,
-            "manifest": hashlib.sha256(manifest).hexdigest(), "split": split, "image_size": list(cfg.model.image_size)}
+            "manifest": hashlib.sha256(manifest).hexdigest(), "split": split, "image_size": list(cfg.model.image_size),
+            "image_fit": cfg.data.image_fit}
 
 
 def save_gallery(path: Path, gallery: Gallery, stamp: dict) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -74,6 +75,10 @@ def test_rankings_agree_with_the_evaluation_and_the_page_shows_them(demo_assets,
     hits = again.search(queries[:1], k=10)[0].hits
     assert [h.index for h in hits] == [h.index for h in answers[0].hits]
     assert [h.score for h in hits] == pytest.approx([h.score for h in answers[0].hits], abs=1e-6)
+    # other pixels (another image fit) are another gallery: encoded again, not taken from the cache
+    cropped = replace(cfg, data=replace(cfg.data, image_fit="center_crop"))
+    load_retriever(cropped, trained_run, "test")
+    assert "encoded 72 images of 'test'" in capsys.readouterr().out
 
 
 def test_a_query_language_the_run_was_not_trained_on_is_refused(demo_assets, dist_env, signals, trained_run):
