@@ -173,6 +173,9 @@ class TrainConfig:
     collective_timeout: float = positive(600.0)
     """Seconds a collective may wait for the other ranks before the run fails (a hung rank); a failed rank ends
     the others within seconds whatever this is."""
+    lost_rank_timeout: float = positive(30.0)
+    """Seconds without a heartbeat from a rank (its node died or dropped off the network) before rank 0 ends the
+    run, naming that rank and its node (``dsmoe.failures.FaultWatch``)."""
     threads_per_rank: int | None = at_least(1, None)
     """Intra-op CPU threads of each rank; unset: ``OMP_NUM_THREADS`` if set, else the host's cores shared by the
     ranks on it (``dsmoe.launcher.thread_budget``). DataLoader workers use one thread each."""

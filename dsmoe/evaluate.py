@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dsmoe.distributed import process_group
 
-    with process_group(cfg.train.collective_timeout, cfg.train.threads_per_rank) as (rank, _, local_rank):
+    with process_group(cfg.train) as (rank, _, local_rank):
         metrics = evaluate_checkpoint(cfg, args.checkpoint, args.split or cfg.data.test_split, local_rank)
         if rank == 0:
             text = json.dumps(metrics, indent=2)

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from dsmoe.engine import build_inference_engine
     from dsmoe.portable import save_portable
 
-    with process_group(cfg.train.collective_timeout, cfg.train.threads_per_rank):
+    with process_group(cfg.train):
         _, engine, source = build_inference_engine(cfg, args.checkpoint, ep_size=1)
         path = save_portable(engine.module, cfg, args.output, source)
     print(f"wrote {path} and {path.with_suffix('.yaml')} from {source}")

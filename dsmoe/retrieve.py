@@ -308,7 +308,7 @@ def _retrieve(cfg: RunConfig, args: argparse.Namespace, queries: list[str], inte
     from dsmoe.distributed import process_group
 
     split = args.split or cfg.data.test_split
-    with process_group(cfg.train.collective_timeout, cfg.train.threads_per_rank):
+    with process_group(cfg.train):
         try:
             retriever = load_retriever(cfg, args.checkpoint, split, args.language, args.rebuild)
         except ConfigError as exc:

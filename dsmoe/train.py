@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dsmoe.distributed import process_group
 
-    train = stages[0][0].train
-    with process_group(train.collective_timeout, train.threads_per_rank) as (rank, world_size, local_rank):
+    with process_group(stages[0][0].train) as (rank, world_size, local_rank):
         assert world_size == launched_world_size(), "the process group disagrees with the launcher's WORLD_SIZE"
         return run(stages, args.resume, rank, world_size, local_rank, args.allow_config_change)
 

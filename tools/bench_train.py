@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    with process_group(cfg.train.collective_timeout, cfg.train.threads_per_rank) as (rank, world, local_rank):
+    with process_group(cfg.train) as (rank, world, local_rank):
         measure(args, cfg, ds, rank, world, local_rank)
     return 0
 

@@ -152,7 +152,8 @@ RUN_CONTROL = ("demo", "demo_dir", "wandb.", "tensorboard.", "data.workers", "da
                "data.remote.", "data.checksums",
                "adapter.ep_size", "train.max_steps", "train.log_every", "train.checkpoint_every",
                "train.keep_checkpoints", "train.eval_batch_size", "train.collective_timeout",
-               "train.threads_per_rank", "train.init_from", "train.eval_zero_shot", "train.output_dir")
+               "train.lost_rank_timeout", "train.threads_per_rank", "train.init_from", "train.eval_zero_shot",
+               "train.output_dir")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
