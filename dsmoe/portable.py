@@ -38,7 +38,8 @@ def local_expert_range(model: nn.Module) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _global_name(name: str, ranges: dict[str, tuple[int, int]]) -> str:
+def global_name(name: str, ranges: dict[str, tuple[int, int]]) -> str:
+    """A parameter's name with its layer's local expert index made global (other names as they are)."""
     match = EXPERT.search(name)
     if not match:
         return name
@@ -50,7 +51,7 @@ def _global_name(name: str, ranges: dict[str, tuple[int, int]]) -> str:
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """This rank's trainable tensors under global expert names (a world of one holds them all)."""
     ranges = local_expert_range(model)
-    return {_global_name(n, ranges): p.detach().float().cpu().contiguous()
+    return {global_name(n, ranges): p.detach().float().cpu().contiguous()
             for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -77,12 +78,12 @@ def load_portable(model: nn.Module, path: str | Path) -> None:
                              f"expected {FORMAT!r})")
         stored = set(f.keys())
         ranges = local_expert_range(model)
-        wanted = {n: _global_name(n, ranges) for n, p in model.named_parameters() if p.requires_grad}
+        wanted = {n: global_name(n, ranges) for n, p in model.named_parameters() if p.requires_grad}
         missing = sorted(g for g in wanted.values() if g not in stored)
         if missing:
             raise ValueError(f"{path} lacks {len(missing)} trainable tensors of this model, e.g. {missing[:3]}; "
                              f"was it exported from another method or model size?")
-        state = {local: f.get_tensor(global_name) for local, global_name in wanted.items()}
+        state = {local: f.get_tensor(stored_as) for local, stored_as in wanted.items()}
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in state.items():

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch.distributed as dist
 
-from dsmoe.checkpoint import folder, safe_io
+from dsmoe.checkpoint import elastic, folder, safe_io
 from dsmoe.config import RunConfig, to_dict
 from dsmoe.failures import RunError
 from dsmoe.schema import ConfigError
@@ -61,6 +61,7 @@ class CheckpointManager:
         try:
             self.engine.save_checkpoint(str(self.root), staging, client_state=client, save_latest=False,
                                         exclude_frozen_parameters=True)
+            elastic.save_state(self.root / staging, self.engine, self.rank)
             cursors = json.loads(json.dumps(  # a cursor's int arrays as lists
                 {"epoch": progress["epoch"], "batch": progress["batch"], "workers": self.cfg.data.workers,
                  "world_size": self.world_size, "cursors": data_cursors}, default=list))
@@ -107,12 +108,17 @@ class CheckpointManager:
         layout = {"world_size": self.world_size, "ep_size": self.ep_size}
         saved = {k: marker.get(k, layout[k]) for k in layout}
         same = saved == layout
-        if not same:
-            say(f"WARNING: {root / tag} was saved with {saved}, this run has {layout}: loading the weights (experts "
-                f"resharded) and progress; the optimiser state restarts and the data order changes")
         _, client = safe_io.load_checkpoint(self.engine, root, tag, self.cfg, load_optimizer_states=same)
         if client is None or "progress" not in client:
             raise RunError(f"checkpoint {root / tag} could not be loaded or has no training progress")
+        if not same:
+            if elastic.has_state(root / tag):
+                kept = f"the optimiser state too ({elastic.restore_state(root / tag, self.engine)})"
+            else:
+                kept = "the optimiser state restarts (the checkpoint has no optimizer_state folder)"
+            say(f"WARNING: {root / tag} was saved with {saved}, this run has {layout}: loaded the weights (experts "
+                f"resharded), the progress and learning-rate schedule, and {kept}; the data stream replays in this "
+                f"layout's order")
         cursors, note = self._data_cursors(root / tag, client["progress"], same, say)
         return Restored(root / tag, client, cursors, note)
 
