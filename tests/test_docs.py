@@ -24,7 +24,8 @@ CONSOLE_SCRIPTS = {"dsmoe-train": "dsmoe.train", "dsmoe-evaluate": "dsmoe.evalua
                    "dsmoe-report": "dsmoe.report"}
 MODULES = {"dsmoe.shards": "dsmoe.shards.cli", "deepspeed.launcher.runner": None}
 SCRIPTS = {"dsmoe/train.py": "dsmoe.train", "tools/make_shards.py": "dsmoe.shards.cli"}
-NOT_OURS = {"pip", "cd", "cat", "aws", "tensorboard", "sbatch", "bash", "EOF", "node1", "node2"}
+NOT_OURS = {"pip", "cd", "cat", "aws", "tensorboard", "sbatch", "bash", "EOF", "node1", "node2", "source", "scancel",
+            "ip"}
 
 
 def commands() -> list[tuple[str, list[str]]]:
@@ -36,8 +37,8 @@ def commands() -> list[tuple[str, list[str]]]:
             text = re.sub(r"<<'?EOF'?.*?\nEOF", "", text, flags=re.S)  # here-documents are data
             for line in text.splitlines():
                 tokens = shlex.split(line, comments=True)
-                while tokens and re.fullmatch(r"[A-Z_]+=\S*", tokens[0]):
-                    tokens = tokens[1:]  # VAR=value prefixes
+                while tokens and (tokens[0] == "sudo" or re.fullmatch(r"[A-Z_]+=\S*", tokens[0])):
+                    tokens = tokens[1:]  # sudo and VAR=value prefixes
                 if tokens:
                     found.append((page.name, tokens))
     return found
