@@ -167,6 +167,10 @@ class TrainConfig:
     """Score the untrained model (adapters are the identity at init) on the test split first."""
     checkpoint_every: int = at_least(0, 0)
     """Also checkpoint every N optimiser steps (0: only at epoch ends)."""
+    elastic_state: bool = True
+    """Also write each checkpoint's optimiser state gathered whole (``optimizer_state/``: the fp32 master weights
+    and Adam moments of the trainable tensors), so that a resume at another world size or ep_size keeps it; false
+    saves that space (the size of DeepSpeed's own optimiser files) and such a resume restarts the optimiser."""
     keep_checkpoints: int = at_least(1, 2)
     """Step folders kept: the ones ``latest`` and ``best`` name, then the newest others."""
     log_every: int = at_least(1, 10)
@@ -227,6 +231,8 @@ class RunConfig:
         read); world-size checks happen once it is known."""
         a = self.adapter
         self.method_config.validate(self)
+        if not self.method_config.experts:
+            a.ep_size = 1  # the adapter section does not apply: no experts to shard
         if a.router == "language" and a.top_k != 1:
             raise ConfigError("adapter.router 'language' sends each token to exactly one expert: set adapter.top_k 1")
         if a.router != "dense":

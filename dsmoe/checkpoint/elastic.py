@@ -12,12 +12,15 @@ writes them into its own partitions (``restore_state``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dsmoe.checkpoint.folder import CheckpointWriteError
+from dsmoe.checkpoint.safe_io import write_error_cause
 from dsmoe.failures import RunError
 from dsmoe.portable import global_name, local_expert_range
 
@@ -54,14 +57,33 @@ def _sharing_group(param: torch.nn.Parameter):
     return groups._get_data_parallel_group()
 
 
-def _whole(engine, param: torch.nn.Parameter, key: str) -> torch.Tensor:
+def master_copies(engine) -> Callable[[torch.nn.Parameter], torch.Tensor] | None:
+    """Without ZeRO, the fp32 tensor the optimiser trains for each parameter, whole on every rank that holds it:
+    the parameter itself (fp32), or its fp32 copy (bf16 / fp16: DeepSpeed's unfused optimiser). None for another
+    wrapper (ZeRO's parameters say where their part of the flat copy is: ``_hp_mapping``)."""
+    wrapper = engine.optimizer
+    if wrapper is base_optimizer(engine):
+        return lambda param: param
+    if hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups"):
+        copies = {id(low): high for lows, highs in zip(wrapper.fp16_groups, wrapper.fp32_groups)
+                  for low, high in zip(lows, highs)}
+        return lambda param: copies[id(param)]
+    return None
+
+
+def supported(engine) -> bool:
+    """Whether this module knows where the engine's optimiser keeps each trainable tensor's state."""
+    return master_copies(engine) is not None or all(hasattr(p, "_hp_mapping") for _, p in _trainable(engine).values())
+
+
+def _whole(engine, param: torch.nn.Parameter, key: str, master) -> torch.Tensor:
     """``param``'s fp32 master weight (``key`` "param") or Adam moment, whole (a collective under ZeRO)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if hasattr(param, "_hp_mapping"):  # ZeRO 1/2, or the bf16 optimiser: partitions of a flat fp32 copy
         return safe_get_full_fp32_param(param) if key == "param" else safe_get_full_optimizer_state(param, key)
-    # no ZeRO in fp32: the optimiser trains the model's own tensors, whole on every rank that holds them
-    return param.detach().float() if key == "param" else base_optimizer(engine).state[param][key]
+    high = master(param)
+    return high.detach().float() if key == "param" else base_optimizer(engine).state[high][key]
 
 
 def _trainable(engine) -> dict[str, tuple[str, torch.nn.Parameter]]:
@@ -74,19 +96,23 @@ def _trainable(engine) -> dict[str, tuple[str, torch.nn.Parameter]]:
 def save_state(folder: Path, engine, rank: int) -> None:
     """Every rank, at every save (collectives): gather and write this rank's share of the whole state."""
     step = optimizer_step(base_optimizer(engine))
-    if step is None:  # nothing trained yet: a resume starts the optimiser as a fresh run would
-        return
+    if step is None or not supported(engine):
+        return  # nothing trained yet, or a layout this module does not know: a resume restarts the optimiser
+    master = master_copies(engine)
     _link_views(engine)
     mine = {}
     for stored_as, param in _trainable(engine).values():
-        whole = {key: _whole(engine, param, key) for key in ("param", *MOMENTS)}
+        whole = {key: _whole(engine, param, key, master) for key in ("param", *MOMENTS)}
         if dist.get_rank(group=_sharing_group(param)) == 0:
             mine.update({f"{key}:{stored_as}": value.detach().float().cpu().contiguous()
                          for key, value in whole.items()})
     if mine:
-        (folder / FOLDER).mkdir(parents=True, exist_ok=True)
-        save_file(mine, str(folder / FOLDER / f"rank{rank}.safetensors"),
-                  metadata={"format": FORMAT, "step": repr(step)})
+        path = folder / FOLDER / f"rank{rank}.safetensors"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(mine, str(path), metadata={"format": FORMAT, "step": repr(step)})
+        except (OSError, SafetensorError) as exc:  # safetensors reports a failed write as its own error
+            raise CheckpointWriteError(path, write_error_cause(exc, path)) from None
 
 
 def has_state(folder: Path) -> bool:
@@ -121,6 +147,7 @@ def restore_state(folder: Path, engine) -> str:
     trainable = _trainable(engine)
     tensors, step = read_state(folder, {stored_as for stored_as, _ in trainable.values()})
     optimizer = base_optimizer(engine)
+    master = master_copies(engine)
     _materialise(engine, optimizer)
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -131,9 +158,11 @@ def restore_state(folder: Path, engine) -> str:
                 for key in MOMENTS:
                     safe_set_full_optimizer_state(param, tensors[f"{key}:{stored_as}"].to(param.device), key)
             else:
-                param.copy_(tensors[f"param:{stored_as}"])
+                high = master(param)
+                high.copy_(tensors[f"param:{stored_as}"])
                 for key in MOMENTS:
-                    optimizer.state[param][key].copy_(tensors[f"{key}:{stored_as}"])
+                    optimizer.state[high][key].copy_(tensors[f"{key}:{stored_as}"])
+                param.copy_(high)  # the model's (bf16) weights from their master
     _set_step(optimizer, step)
     return f"Adam moments and step {step:g} of {len(trainable)} tensors resharded"
 

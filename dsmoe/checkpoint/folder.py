@@ -151,7 +151,7 @@ def read_marker(root: Path, tag: str) -> dict:
 RUN_CONTROL = ("demo", "demo_dir", "wandb.", "tensorboard.", "data.workers", "data.max_bad_share", "data.max_bad_count",
                "data.remote.", "data.checksums",
                "adapter.ep_size", "train.max_steps", "train.log_every", "train.checkpoint_every",
-               "train.keep_checkpoints", "train.eval_batch_size", "train.collective_timeout",
+               "train.keep_checkpoints", "train.elastic_state", "train.eval_batch_size", "train.collective_timeout",
                "train.lost_rank_timeout", "train.threads_per_rank", "train.init_from", "train.eval_zero_shot",
                "train.output_dir")
 

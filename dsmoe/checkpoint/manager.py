@@ -61,7 +61,8 @@ class CheckpointManager:
         try:
             self.engine.save_checkpoint(str(self.root), staging, client_state=client, save_latest=False,
                                         exclude_frozen_parameters=True)
-            elastic.save_state(self.root / staging, self.engine, self.rank)
+            if self.cfg.train.elastic_state:
+                elastic.save_state(self.root / staging, self.engine, self.rank)
             cursors = json.loads(json.dumps(  # a cursor's int arrays as lists
                 {"epoch": progress["epoch"], "batch": progress["batch"], "workers": self.cfg.data.workers,
                  "world_size": self.world_size, "cursors": data_cursors}, default=list))
@@ -112,10 +113,11 @@ class CheckpointManager:
         if client is None or "progress" not in client:
             raise RunError(f"checkpoint {root / tag} could not be loaded or has no training progress")
         if not same:
-            if elastic.has_state(root / tag):
+            if elastic.has_state(root / tag) and elastic.supported(self.engine):
                 kept = f"the optimiser state too ({elastic.restore_state(root / tag, self.engine)})"
             else:
-                kept = "the optimiser state restarts (the checkpoint has no optimizer_state folder)"
+                kept = "the optimiser state restarts (the checkpoint has no optimizer_state folder, or this run's " \
+                       "optimiser keeps its state in a layout dsmoe.checkpoint.elastic does not know)"
             say(f"WARNING: {root / tag} was saved with {saved}, this run has {layout}: loaded the weights (experts "
                 f"resharded), the progress and learning-rate schedule, and {kept}; the data stream replays in this "
                 f"layout's order")

@@ -57,16 +57,18 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
                 fh.flush()
                 os.fsync(fh.fileno())
         except (OSError, RuntimeError) as exc:
-            raise CheckpointWriteError(path, _os_error(exc, path)) from None
+            raise CheckpointWriteError(path, write_error_cause(exc, path)) from None
 
 
-def _os_error(exc: BaseException, path: str | Path) -> BaseException:
+def write_error_cause(exc: BaseException, path: str | Path) -> BaseException:
     """torch.save may wrap the OSError of a failed write in a RuntimeError; a full disk is the usual cause."""
     if isinstance(exc, OSError):
         return exc
     cause = exc.__cause__ or exc.__context__
     if isinstance(cause, OSError):
         return cause
+    if "No space left on device" in str(exc):  # safetensors' Rust writer names the OS error only in its message
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     try:
         if os.statvfs(Path(path).parent).f_bavail == 0:
             return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from dsmoe.schema import ConfigError
 
@@ -21,6 +21,9 @@ BUILT_IN = ("dsmoe.methods.dm_adapter", "dsmoe.methods.dasd")
 class MethodSettings:
     """Base of a method's YAML section: the checks it needs across sections, and the runs (stages) it asks for.
     ``run`` is the ``dsmoe.config.RunConfig`` whose ``method_config`` this is."""
+
+    experts: ClassVar[bool] = True
+    """Whether the method's model has the ``adapter:`` section's experts (without: its ep_size is 1)."""
 
     @classmethod
     def of(cls, run: Any):
