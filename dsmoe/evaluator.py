@@ -247,9 +247,10 @@ def run_summary(results: dict, run_dir: str | Path) -> str:
     """What a run trained (method, experts, ranks, trainable parameters) and the commands that show it further."""
     cfg, run = results["config"], shlex.quote(str(run_dir))
     adapter = cfg["adapter"]
+    trained = results.get("trained") or (f"{adapter['num_experts']} experts a layer (top-{adapter['top_k']}, "
+                                         f"{adapter['router']} router)")  # results.json of older versions
     return "\n".join([
-        f"trained: {cfg['method']}, {adapter['num_experts']} experts a layer (top-{adapter['top_k']}, "
-        f"{adapter['router']} router) over {results['world_size']} ranks (ep_size {results['ep_size']}), "
+        f"trained: {cfg['method']}, {trained} over {results['world_size']} ranks (ep_size {results['ep_size']}), "
         f"{results['trainable_parameters']:,} trainable parameters",
         f"next: python -m dsmoe.report {run}              # losses, scores and routing as pictures",
         f"      python -m dsmoe.retrieve --checkpoint {run}   # ask the trained model for images"])

@@ -332,7 +332,8 @@ class Trainer:
         test = self.evaluate(cfg.data.test_split)
         results = {"model_selection": selection, "zero_shot": prog.zero_shot, "test": test,
                    "start_label": "untrained" if not self.started_from else "at start",
-                   "validation": prog.history, "trainable_parameters": self.trainable_count,
+                   "validation": prog.history, "trained": self.method.describe(),
+                   "trainable_parameters": self.trainable_count,
                    "world_size": self.world_size, "ep_size": cfg.adapter.ep_size, "run": self.facts,
                    "config": to_dict(cfg)}
         self.log.metrics({"event": "test", "split": cfg.data.test_split, "step": step, **test})

@@ -24,10 +24,12 @@ def installed(tmp_path_factory) -> Path:
         names = archive.namelist()
         entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "dsmoe/ds_configs/zero2.json" in names and "dsmoe/configs/dm_adapter/demo.yaml" in names
+    assert "dsmoe/configs/baselines/lora_demo.yaml" in names and "dsmoe/sweeps/baselines_demo.yaml" in names
     assert not any(n.startswith(("tests/", "tools/")) for n in names)
     for script in ("dsmoe-train = dsmoe.train:main", "dsmoe-evaluate = dsmoe.evaluate:main",
                    "dsmoe-export = dsmoe.export:main", "dsmoe-shards = dsmoe.shards.cli:main",
-                   "dsmoe-retrieve = dsmoe.retrieve:main", "dsmoe-report = dsmoe.report:main"):
+                   "dsmoe-retrieve = dsmoe.retrieve:main", "dsmoe-report = dsmoe.report:main",
+                   "dsmoe-sweep = dsmoe.sweep:main"):
         assert script in entry_points
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(root / "site"),
                     str(wheel)], check=True, capture_output=True)

@@ -9,13 +9,15 @@ from dsmoe.config import load_config
 from dsmoe.ds_config import DeviceSupport, compose_ds_config, load_ds_config
 
 
-def make_trainer(assets: dict, run_dir: Path, *overrides: str, portable_init: str | None = None):
-    """A Trainer of the demo recipe at ep_size 1 in this process, its run files written (as train.py does)."""
+def make_trainer(assets: dict, run_dir: Path, *overrides: str, portable_init: str | None = None,
+                 config: Path | None = None):
+    """A Trainer of the demo recipe (or the recipe ``config`` on the demo's assets) at ep_size 1 in this process,
+    its run files written (as train.py does)."""
     from dsmoe.trainer import Trainer
 
     sets = {**assets, "demo": "false", "adapter.ep_size": "1", "train.output_dir": str(run_dir),
             "train.log_every": "1", "train.eval_zero_shot": "false", "data.workers": "0", "train.epochs": "3"}
-    cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()] + list(overrides))
+    cfg = load_config(config, [f"{k}={v}" for k, v in sets.items()] + list(overrides))
     ds = compose_ds_config(load_ds_config("zero2.json"), cfg, 1, DeviceSupport.detect())
     trainer = Trainer(cfg, ds, rank=0, world_size=1, local_rank=0, portable_init=portable_init)
     trainer.write_run_files()

@@ -70,6 +70,13 @@ class Method:
     def build(self) -> RetrievalModel:
         raise NotImplementedError
 
+    def describe(self) -> str:
+        """What the run trains, for its closing summary (``results.json``: ``trained``)."""
+        a = self.cfg.adapter
+        if a.router == "dense":
+            return "one adapter a layer (no experts)"
+        return f"{a.num_experts} experts a layer (top-{a.top_k}, {a.router} router)"
+
     def train_texts(self):
         """``CaptionPairs`` / ``TranslationPairs``: the pairs a sample gives and how a batch of them is encoded."""
         raise NotImplementedError

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from dsmoe.schema import ConfigError
 
-BUILT_IN = ("dsmoe.methods.dm_adapter", "dsmoe.methods.dasd")
+BUILT_IN = ("dsmoe.methods.dm_adapter", "dsmoe.methods.dasd", "dsmoe.methods.baselines")
 """Packages whose import registers a method: the registry's only imports of the methods."""
 
 
