@@ -21,7 +21,7 @@ from launch import REPO_ROOT
 PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 CONSOLE_SCRIPTS = {"dsmoe-train": "dsmoe.train", "dsmoe-evaluate": "dsmoe.evaluate", "dsmoe-export": "dsmoe.export",
                    "dsmoe-shards": "dsmoe.shards.cli", "dsmoe-retrieve": "dsmoe.retrieve",
-                   "dsmoe-report": "dsmoe.report"}
+                   "dsmoe-report": "dsmoe.report", "dsmoe-sweep": "dsmoe.sweep"}
 MODULES = {"dsmoe.shards": "dsmoe.shards.cli", "deepspeed.launcher.runner": None}
 SCRIPTS = {"dsmoe/train.py": "dsmoe.train", "tools/make_shards.py": "dsmoe.shards.cli"}
 NOT_OURS = {"pip", "cd", "cat", "aws", "tensorboard", "sbatch", "bash", "EOF", "node1", "node2", "source", "scancel",

@@ -442,3 +442,55 @@ def test_dasd_demo_one_language_expert_per_node(slurm, tmp_path):
     assert all(block.count("  match") == 1 and block.count(" label ") == 60 for block in blocks)
     page = run / "cma" / "retrieval" / resolve_checkpoint(run / "cma")[1] / "results.html"
     assert f"results page: {page}" in proc.stdout and page.read_text().count("class='hit match'") == 3
+
+
+def test_a_two_by_two_sweep_runs_locally_and_as_a_slurm_array_and_reports_mean_and_std(slurm, slurm_demo, tmp_path):
+    """Two rows x two seeds of a one-epoch demo, run here with the deepspeed launcher and as one Slurm job array
+    (one task per run, each task's run read from the sweep's runs file); the same command again skips what is
+    finished; the report has each row's mean ± std over its two seeds."""
+    sets = [f"{key}={value}" for key, value in slurm_demo.items()]
+    sets += ["train.epochs=1", "train.eval_zero_shot=false", "adapter.ep_size=1", "data.workers=0",
+             "train.threads_per_rank=1", "data.val_split=null"]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps({  # YAML is a superset of JSON
+        "name": "two-by-two", "config": "dm_adapter/demo.yaml", "set": sets, "seeds": [1, 2], "ranks": 1,
+        "sbatch": ["--ntasks-per-node=1", *CPU],
+        "rows": [{"name": "one adapter", "set": ["adapter.router=dense"]}, {"name": "DM-Adapter"}]}))
+
+    def sweep(folder: Path, *how: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "dsmoe.sweep", str(spec), "--out", str(folder), *how],
+                              cwd=tmp_path, env=slurm_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        return proc.stdout
+
+    def table(folder: Path) -> dict[str, str]:
+        proc = subprocess.run([sys.executable, "-m", "dsmoe.report", str(folder)], cwd=tmp_path, env=slurm_env(),
+                              capture_output=True, text=True, timeout=JOB_TIMEOUT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return {line.split(" | ")[0].strip("| "): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+
+    here = tmp_path / "local"
+    out = sweep(here, "--local", "--parallel", "2")
+    assert "4 runs in 2 rows; 4 to run" in out and out.count("[sweep] done") == 4, out
+    assert "0 to run" in sweep(here, "--local")  # again: every run finished, nothing starts
+    rows = table(here)
+    for row in ("one adapter", "DM-Adapter"):
+        assert re.search(r"\| 2 \| \d+\.\d\d ± \d+\.\d\d \|", rows[row]), rows[row]
+
+    array = tmp_path / "array"
+    out = sweep(array, "--slurm")
+    job = re.search(r"submitted job array (\d+): 4 tasks", out).group(1)
+    slurm.append(job)
+    deadline = time.time() + JOB_TIMEOUT
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        assert time.time() < deadline, f"job array {job} still queued or running"
+        time.sleep(1)
+    logs = sorted(array.glob(f"slurm-{job}_*.out"))
+    assert len(logs) == 4, logs
+    for log in logs:
+        text = log.read_text()
+        assert "train.sbatch: job" in text and "trained: dm_adapter" in text, text[-3000:]
+    assert "0 to run" in sweep(array, "--dry-run")
+    array_rows = table(array)
+    for row in ("one adapter", "DM-Adapter"):  # the same runs (seeds, data, one rank, one thread): the same scores
+        assert array_rows[row].split(" | ")[2] == rows[row].split(" | ")[2], (array_rows[row], rows[row])

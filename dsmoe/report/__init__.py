@@ -10,6 +10,11 @@ Several runs: ``losses.png`` (the loss terms they share, one line per run), ``ev
 ``lr.png`` and ``comparison.md`` (the config keys whose values differ, then the results; "—" for a run without
 results.json), written to ``--out DIR`` (default: ``./dsmoe-report``).
 
+A sweep (a folder written by ``python -m dsmoe.sweep``, holding ``sweep.json``): ``table.md`` (each row's test
+metrics as mean ± std over its seeds, the untrained model, trainable parameters, training time, the best row and
+those within one std of it; also printed) and ``rows.png`` (the ranking metric per row with error bars), written to
+``SWEEP_DIR/report/`` or ``--out DIR``.
+
 Each written path is printed, one a line.
 """
 from __future__ import annotations
@@ -68,11 +73,18 @@ def report_runs(runs: list[Run], out_dir: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsmoe.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folder (holds metrics.jsonl)")
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN",
+                        help="run folder (holds metrics.jsonl), or one sweep folder (holds sweep.json)")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="output folder (default: RUN/report for one run, ./dsmoe-report for several)")
     args = parser.parse_args(argv)
     try:
+        if len(args.runs) == 1 and (args.runs[0] / "sweep.json").is_file():
+            from dsmoe.report.sweep import report_sweep
+
+            for path in report_sweep(args.runs[0], args.out or args.runs[0] / "report"):
+                print(path)
+            return 0
         runs = [load_run(path) for path in args.runs]
         for run, label in zip(runs, run_labels([run.path for run in runs])):
             run.label = label
