@@ -1,5 +1,5 @@
 """Every shipped DeepSpeed config with expert parallelism; the gradient norm under ZeRO-1/2 against one process;
-configurations DeepSpeed gets wrong refused early; portable export; resuming at another world size / ep_size."""
+configurations DeepSpeed gets wrong refused early; portable export."""
 from __future__ import annotations
 
 import json
@@ -137,7 +137,7 @@ def test_configurations_deepspeed_gets_wrong_fail_early(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_export_round_trip_and_resume_across_world_sizes(demo_assets, dist_env, signals, capsys, tmp_path):
+def test_export_round_trip(demo_assets, dist_env, signals, tmp_path):
     run = tmp_path / "run"
     run_ok(train_cmd(demo_assets, run, free_port(), "train.max_steps=3"))  # 2 ranks, ep 2
     results = json.loads((run / "results.json").read_text())
@@ -160,17 +160,7 @@ def test_export_round_trip_and_resume_across_world_sizes(demo_assets, dist_env, 
     for key in ("R1", "R5", "R10", "mAP", "mINP"):
         assert scores[key] == pytest.approx(results["test"][key], abs=1e-3)
 
-    # in one process (ep 1): training starts from the file, every expert of the ep-2 run in place ...
+    # in one process (ep 1): training starts from the file, every expert of the ep-2 run in place (resuming the
+    # checkpoint itself at another layout: tests/test_integration.py, elastic resume)
     init = make_trainer(demo_assets, tmp_path / "init", "train.max_steps=1", portable_init=str(weights))
     assert init.train()["start_label"] == "at start"
-    # ... and the 2-rank / ep 2 checkpoint resumes (weights resharded, optimiser restarted); then back to 2 ranks
-    resumed = make_trainer(demo_assets, run, "train.max_steps=5")
-    assert resumed.resume("auto") and resumed.engine.global_steps == 3
-    assert "was saved with {'world_size': 2, 'ep_size': 2}" in capsys.readouterr().out
-    resumed.train()
-    assert latest_tag(run) == "step00000005"
-    out = run_ok(train_cmd(demo_assets, run, free_port(), "train.max_steps=7"))
-    assert "was saved with {'world_size': 1, 'ep_size': 1}" in out
-    assert latest_tag(run) == "step00000007"
-    losses = logged_losses(run)
-    assert set(range(1, 8)) <= set(losses)
