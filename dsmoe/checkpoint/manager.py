@@ -68,6 +68,8 @@ class CheckpointManager:
                  "world_size": self.world_size, "cursors": data_cursors}, default=list))
             folder.write_data_cursors(self.root / staging, self.rank, cursors)
         except BaseException:
+            if not (self.root / staging).exists():  # another rank failed first and removed it: its error is the
+                time.sleep(1.0)  # cause, this one (a vanished folder) the consequence; let the cause be reported
             shutil.rmtree(self.root / staging, ignore_errors=True)
             raise
         dist.barrier()
