@@ -57,8 +57,10 @@ def slurm():
     assert proc.returncode == 0, f"tools/slurm_local.sh failed:\n{output[-4000:]}"
     jobs: list[str] = []
     yield jobs
-    for job in jobs:  # leave no job behind (the daemons keep running)
+    for job in jobs:  # leave no job behind
         subprocess.run(["scancel", job], capture_output=True)
+    if "already running" not in output:  # the nodes this module started go: daemons, namespaces, links
+        subprocess.run(["bash", str(SETUP), "--down"], capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
