@@ -20,7 +20,7 @@ import pytest
 
 from dsmoe.checkpoint.folder import resolve_checkpoint
 from dsmoe.launcher import free_port
-from launch import DASD_DEMO, REPO_ROOT
+from launch import DASD_DEMO, REPO_ROOT, logged_losses
 
 pytestmark = pytest.mark.integration
 
@@ -159,10 +159,6 @@ def demo_args(assets: dict[str, str], *overrides: str) -> list[str]:
     return [a for pair in pairs for a in ("--set", pair)]
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
-
-
 def wait_for_checkpoint(job: str, run_dir: Path, output: Path, after: str = "") -> str:
     """The tag of the job's first complete checkpoint newer than ``after`` (waited for while the job runs)."""
     deadline = time.time() + JOB_TIMEOUT
@@ -241,7 +237,7 @@ def test_experts_on_two_nodes_train_as_on_one_node_and_evaluate_across_both(slur
     out = tmp_path / f"one-node-{job}.out"
     assert_completed(wait_for(job, out), out)
     assert re.search(r"ranks on 1 node: dsmoe-n[12] \[0, 1\]", out.read_text())
-    across, within = losses(run_dir), losses(one_node)
+    across, within = logged_losses(run_dir), logged_losses(one_node)
     assert sorted(across) == list(range(1, 31)) and across.keys() == within.keys()
     for step in across:
         assert across[step] == pytest.approx(within[step], rel=1e-6), (step, across[step], within[step])
@@ -261,7 +257,7 @@ def test_experts_on_two_nodes_train_as_on_one_node_and_evaluate_across_both(slur
     out = tmp_path / f"no-ssh-{job}.out"
     assert_completed(wait_for(job, out), out)
     assert "ranks on 2 nodes: dsmoe-n1 [0], dsmoe-n2 [1]" in out.read_text()
-    assert losses(no_ssh) == {step: across[step] for step in range(1, 7)}
+    assert logged_losses(no_ssh) == {step: across[step] for step in range(1, 7)}
 
     # the eval script with one task on each node: the saved experts read back by the nodes, the same scores
     eval_out = tmp_path / "eval-%j.out"
@@ -314,7 +310,7 @@ def test_a_preempted_two_node_job_requeues_itself_and_resumes_bit_identically(sl
         # each step trained once, and exactly as in the run nobody interrupted (fp32: bit for bit)
         steps = [r["step"] for r in records if "loss" in r]
         assert sorted(steps) == list(range(1, 31)), steps
-        assert losses(run_dir) == losses(two_node_run[0])
+        assert logged_losses(run_dir) == logged_losses(two_node_run[0])
         assert latest_tag(run_dir) == "step00000030"
         assert [r for r in records if r.get("event") == "test"], "no test evaluation after resuming"
         assert records.index(preempted[0]) < max(i for i, r in enumerate(records) if r.get("event") == "test")
