@@ -32,11 +32,15 @@ def test_quick_benchmark_prints_every_row_and_the_metrics_agree(tmp_path):
                 "recall_metrics COCO 5k: dense time / dsmoe time",
                 "DM-Adapter step / full fine-tune step (1 thread)",
                 "DM-Adapter step / frozen forward + backward (1 thread)",
+                "DM-Adapter / full fine-tune peak memory", "LoRA / full fine-tune peak memory",
+                "DM-Adapter step / full fine-tune step (batch", "LoRA step / full fine-tune step (batch",
                 "shard reader / folder reader, 2 workers", "shard reader / folder reader, 0 workers",
                 "shard reader with sha256 checks / without, 0 workers"]
     for name in expected:
         assert any(figure.startswith(name) for figure in rows), (name, sorted(rows))
     assert not any("metrics differ" in figure for figure in rows)
+    peak = figures["baselines_step"]["peak_mib"]
+    assert set(peak) == {"dm", "lora", "full"} and min(peak.values()) > 0, peak
     assert all(figures[key]["metrics_agree"] for key in ("rank_icfg", "rank_cuhk", "recall_coco"))
     assert any(figure.startswith("evaluation ") and "from features" in figure for figure in rows)
     assert figures["machine"]["cores"] >= 1 and figures["quick"] is True

@@ -1,12 +1,15 @@
 """One DM-Adapter training step against what it could cost at least and at most, on the same shapes.
 
 - ``dm``: DM-Adapter's step as training runs it (DeepSpeed engine: forward, backward, optimiser step).
-- ``full``: fine-tuning all of CLIP with the same loss, in the same kind of engine.
-- ``floor``: the frozen CLIP's forward and its backward down to the inputs, no weights to update: the least any
-  adapter placed in every block must cost (the backward has to run through every block to reach them).
+- ``full``: fine-tuning all of CLIP with the SDM loss, in the same kind of engine (the ``full`` baseline's model).
+- ``lora``: the ``lora`` baseline's model (rank 16 on the attention projections of both encoders), same engine.
+- ``floor``: the frozen CLIP's forward and its backward as far as DM-Adapter's goes (through every block after the
+  first, input gradients only), no weights to update: the least any adapter placed beside every block must cost.
 
 CLIP ViT-B/16 with random weights (speed does not depend on the values), images 384x128, 77 tokens, one process
-on one thread unless ``threads`` says otherwise.
+on one thread unless ``threads`` says otherwise. Each case also reports its peak memory: the process's peak resident
+memory from before the CLIP is built to after the last step (weights, optimiser state, activations), the CPU's
+counterpart of the GPU memory the papers report.
 """
 from __future__ import annotations
 
@@ -14,12 +17,13 @@ import statistics
 import time
 
 import torch
-from torch import nn
 
-from benchmarks.measure import report
+from benchmarks.measure import extra_peak_rss, report
 
 SHAPES = {"clip": "vit-b16", "image_size": [384, 128], "text_length": 77, "batch": 4, "steps": 4, "warmup": 2}
 QUICK_SHAPES = {"clip": "tiny", "image_size": [32, 16], "text_length": 16, "batch": 4, "steps": 2, "warmup": 1}
+# the papers' memory comparison: batch 32 (one measured step after a warm-up one)
+MEMORY_SHAPES = {**SHAPES, "batch": 32, "steps": 1, "warmup": 1}
 
 
 def _clip(name: str):
@@ -46,29 +50,9 @@ def _batch(size: int, image_size, length: int, vocab: int, step: int) -> dict:
             "pid": torch.arange(size) // 2}
 
 
-class FullFinetune(nn.Module):
-    """Every CLIP weight trained with DM-Adapter's SDM loss."""
-
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, batch: dict) -> dict:
-        from dsmoe.losses import sdm_loss
-
-        image = self.backbone.encode_image(batch["image"])
-        text = self.backbone.encode_text(batch["text"], batch["eot"])
-        return {"loss": sdm_loss(image, text, batch["pid"], logit_scale=50.0)}
-
-
 def step_case(variant: str, options: dict) -> None:
     from dsmoe import distributed
-    from dsmoe.backbones.clip import FrozenCLIP, TrainableCLIP
     from dsmoe.config import DEFAULT_DEMO_CONFIG, load_config
-    from dsmoe.ds_config import DeviceSupport, compose_ds_config, load_ds_config
-    from dsmoe.engine import build_training_engine
-    from dsmoe.losses import sdm_loss
-    from dsmoe.methods.dm_adapter.method import DMAdapter
 
     shapes = options["shapes"]
     size = tuple(shapes["image_size"])
@@ -76,24 +60,52 @@ def step_case(variant: str, options: dict) -> None:
                       [f"model.image_size=[{size[0]}, {size[1]}]", f"model.text_length={shapes['text_length']}",
                        f"train.batch_size={shapes['batch']}", "train.precision=fp32"])
     distributed.init_distributed(600, threads=options["threads"])
+    memory: dict = {}
+    with extra_peak_rss(memory):
+        times = _timed_steps(variant, cfg, shapes, size)
+    report({"seconds": statistics.median(times), "step_times": times, "threads": torch.get_num_threads(),
+            "peak_mib": memory["extra_rss_mib"]})
+    distributed.shutdown()
+
+
+def _timed_steps(variant: str, cfg, shapes: dict, size: tuple[int, int]) -> list[float]:
+    from dsmoe.backbones.clip import FrozenCLIP, TrainableCLIP
+    from dsmoe.ds_config import DeviceSupport, compose_ds_config, load_ds_config
+    from dsmoe.engine import build_training_engine
+    from dsmoe.losses import sdm_loss
+    from dsmoe.methods.baselines.config import LoRAConfig
+    from dsmoe.methods.baselines.method import LoRACLIP, SDMRetrieval
+    from dsmoe.methods.dm_adapter.method import DMAdapter
+
     torch.manual_seed(0)
     clip = _clip(shapes["clip"])
     vocab = clip.config.text_config.vocab_size
     if variant == "floor":
         backbone = FrozenCLIP(clip, size)
-        # the text's path back to its input: token embeddings as a leaf that wants a gradient (no weight gradient)
-        backbone.clip.text_model.embeddings.token_embedding.register_forward_hook(
-            lambda module, args, out: out.detach().requires_grad_(True))
+        rest = torch.zeros(())
 
         def step(batch):
-            pixels = batch["image"].requires_grad_(True)
-            loss = sdm_loss(backbone.encode_image(pixels), backbone.encode_text(batch["text"], batch["eot"]),
+            # the gradient stops where DM-Adapter's does: adapters sit beside every block and nothing before the
+            # first one trains, so the backward runs through blocks 1.. (input gradients only) to the residual
+            # stream after block 0, here a leaf added there
+            leaves = []
+
+            def after_first_block(index, x):
+                if index:
+                    return rest
+                leaves.append(torch.zeros_like(x, requires_grad=True))
+                return leaves[-1]
+
+            loss = sdm_loss(backbone.encode_image(batch["image"], parallel=after_first_block),
+                            backbone.encode_text(batch["text"], batch["eot"], parallel=after_first_block),
                             batch["pid"], logit_scale=50.0)
             loss.backward()
     else:
-        model = DMAdapter(cfg, FrozenCLIP(clip, size)) if variant == "dm" else FullFinetune(TrainableCLIP(clip, size))
+        models = {"dm": lambda: DMAdapter(cfg, FrozenCLIP(clip, size)),
+                  "full": lambda: SDMRetrieval(TrainableCLIP(clip, size), logit_scale=50.0),
+                  "lora": lambda: SDMRetrieval(LoRACLIP(clip, size, LoRAConfig()), logit_scale=50.0)}
         ds = compose_ds_config(load_ds_config("zero2.json"), cfg, 1, DeviceSupport.detect())
-        engine = build_training_engine(cfg, model, ds, schedule=lambda step: 1.0).engine
+        engine = build_training_engine(cfg, models[variant](), ds, schedule=lambda step: 1.0).engine
 
         def step(batch):
             engine.backward(engine(batch)["loss"])
@@ -105,5 +117,4 @@ def step_case(variant: str, options: dict) -> None:
         step(batch)
         if n >= shapes["warmup"]:
             times.append(time.perf_counter() - start)
-    report({"seconds": statistics.median(times), "step_times": times, "threads": torch.get_num_threads()})
-    distributed.shutdown()
+    return times
