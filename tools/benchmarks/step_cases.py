@@ -104,7 +104,7 @@ def _timed_steps(variant: str, cfg, shapes: dict, size: tuple[int, int]) -> list
         models = {"dm": lambda: DMAdapter(cfg, FrozenCLIP(clip, size)),
                   "full": lambda: SDMRetrieval(TrainableCLIP(clip, size), logit_scale=50.0),
                   "lora": lambda: SDMRetrieval(LoRACLIP(clip, size, LoRAConfig()), logit_scale=50.0)}
-        ds = compose_ds_config(load_ds_config("zero2.json"), cfg, 1, DeviceSupport.detect())
+        ds = compose_ds_config(load_ds_config(shapes.get("ds_config", "zero2.json")), cfg, 1, DeviceSupport.detect())
         engine = build_training_engine(cfg, models[variant](), ds, schedule=lambda step: 1.0).engine
 
         def step(batch):
