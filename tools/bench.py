@@ -1,7 +1,7 @@
 """Every performance comparison of dsmoe in one command: prints a table of ratios against their targets and
 writes the figures as JSON.
 
-    python tools/bench.py                          # everything (about 25 minutes on 2 CPU cores)
+    python tools/bench.py                          # everything (on 2 CPU cores the step section alone: 25 min)
     python tools/bench.py --only metrics,reader    # some sections
     python tools/bench.py --quick                  # CI-sized inputs: checks that every row runs, not the targets
 
