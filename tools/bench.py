@@ -130,11 +130,10 @@ def step_section(table: Table, quick: bool, repeats: int, threads: int, figures:
     table.add("DM-Adapter step / frozen forward + backward (1 thread)",
               f"{floor_min:.2f} min, {floor_median:.2f} median", "<= 1.10", floor_median <= 1.10)
     # the papers' comparison: peak memory and step time at batch 32 against the two baselines (one round)
+    used = 1 if quick else threads
     if not quick:
         shapes = MEMORY_SHAPES
-        runs = measure.interleaved("step", ["dm", "lora", "full"], {"shapes": shapes, "threads": threads}, 1,
-                                   threads)
-    used = threads if not quick else 1
+        runs = measure.interleaved("step", ["dm", "lora", "full"], {"shapes": shapes, "threads": used}, 1, used)
     peak = {name: runs[name].results[0]["peak_mib"] for name in ("dm", "lora", "full")}
     figures["baselines_step"] = {"shapes": shapes, "threads": used, "peak_mib": peak,
                                  **{k: runs[k].summary() for k in peak}}

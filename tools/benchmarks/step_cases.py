@@ -84,18 +84,13 @@ def _timed_steps(variant: str, cfg, shapes: dict, size: tuple[int, int]) -> list
         backbone = FrozenCLIP(clip, size)
         rest = torch.zeros(())
 
+        # the gradient stops where DM-Adapter's does: adapters sit beside every block and nothing before the first
+        # one trains, so the backward runs through blocks 1.. (input gradients only) to the residual stream after
+        # block 0, here a leaf added there
+        def after_first_block(index, x):
+            return torch.zeros_like(x, requires_grad=True) if index == 0 else rest
+
         def step(batch):
-            # the gradient stops where DM-Adapter's does: adapters sit beside every block and nothing before the
-            # first one trains, so the backward runs through blocks 1.. (input gradients only) to the residual
-            # stream after block 0, here a leaf added there
-            leaves = []
-
-            def after_first_block(index, x):
-                if index:
-                    return rest
-                leaves.append(torch.zeros_like(x, requires_grad=True))
-                return leaves[-1]
-
             loss = sdm_loss(backbone.encode_image(batch["image"], parallel=after_first_block),
                             backbone.encode_text(batch["text"], batch["eot"], parallel=after_first_block),
                             batch["pid"], logit_scale=50.0)
